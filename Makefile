@@ -1,0 +1,41 @@
+# Every target sets itself up: it creates (or refreshes) the virtual environment
+# in .venv when pyproject.toml or constraints.txt changed, then runs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch==2.13.0 from constraints.txt: the local CPU wheel where the machine has
+# one, PyPI's default (CUDA-enabled on Linux) build everywhere else.
+PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
+
+export MPLBACKEND ?= Agg
+
+.PHONY: demo test lab render data clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) -e '.[test]'
+	touch $@
+
+## The main job: shapes data, train, COCO-evaluate, AP table and pictures in runs/demo.
+demo: $(STAMP)
+	$(BIN)/python -m minimrcnn demo --out runs/demo
+
+## The whole test suite: unit tests and every notebook, top to bottom, under nbval.
+test: $(STAMP)
+	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env --durations=15
+
+## JupyterLab on the course.
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks
+
+## Every notebook executed into HTML under build/, for reading without running.
+render: $(STAMP)
+	mkdir -p build
+	$(BIN)/jupyter nbconvert --to html --execute --output-dir build notebooks/*.ipynb
+
+data: $(STAMP)
+	$(BIN)/python -m minimrcnn data shapes --out data/shapes
+
+clean:
+	rm -rf build runs .pytest_cache

@@ -1,0 +1,99 @@
+"""Command line: ``python -m minimrcnn {data,train,evaluate,predict,demo} ...``.
+
+Each sub-command only parses its arguments and calls one function of the package,
+so everything here can also be done from a script or a notebook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train-images", help="image folder of the training set (default: shapes)")
+    parser.add_argument("--train-annotations", help="COCO instances JSON of the training set")
+    parser.add_argument("--val-images", help="image folder of the validation set")
+    parser.add_argument("--val-annotations", help="COCO instances JSON of the validation set")
+    parser.add_argument("--data", default="data/shapes", help="shapes set root, generated if absent")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m minimrcnn", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="generate datasets")
+    data_kinds = data.add_subparsers(dest="dataset", required=True)
+    shapes = data_kinds.add_parser("shapes", help="the synthetic shapes set in COCO format")
+    shapes.add_argument("--out", default="data/shapes")
+    shapes.add_argument("--num-train", type=int, default=2000)
+    shapes.add_argument("--num-val", type=int, default=200)
+    shapes.add_argument("--image-size", type=int, default=128)
+    shapes.add_argument("--seed", type=int, default=0)
+
+    train = commands.add_parser("train", help="train a model (torchrun-aware)")
+    train.add_argument("--config", default="shapes-cpu", help="preset name or JSON file")
+    train.add_argument("--out", required=True, help="run folder: checkpoints, metrics, curves")
+    _add_dataset_arguments(train)
+    train.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                       help="fit the whole schedule into this wall-clock budget")
+    train.add_argument("--max-iter", type=int, default=None, help="override the config's iterations")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pth")
+    train.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
+    train.add_argument("--no-eval", action="store_true", help="skip COCO evaluation at the end")
+
+    evaluate = commands.add_parser("evaluate", help="COCO-evaluate a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--images", required=True)
+    evaluate.add_argument("--annotations", required=True)
+    evaluate.add_argument("--out", default=None, help="folder for results JSON and metrics")
+    evaluate.add_argument("--device", default=None)
+
+    predict = commands.add_parser("predict", help="draw predictions on images")
+    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("images", nargs="+")
+    predict.add_argument("--out", default="runs/predict")
+    predict.add_argument("--score-thresh", type=float, default=0.5)
+    predict.add_argument("--device", default=None)
+
+    demo = commands.add_parser("demo", help="the main job: data, train, evaluate, pictures")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--data", default="data/shapes")
+    demo.add_argument("--time-budget", type=float, default=None, metavar="MINUTES")
+    demo.add_argument("--device", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "data":
+        from minimrcnn.data.shapes import generate_shapes
+
+        generate_shapes(args.out, num_train=args.num_train, num_val=args.num_val,
+                        image_size=args.image_size, seed=args.seed)
+        return 0
+    if args.command == "train":
+        from minimrcnn.engine.train import train_from_args
+
+        train_from_args(args)
+        return 0
+    if args.command == "evaluate":
+        from minimrcnn.evaluation.coco import evaluate_from_args
+
+        evaluate_from_args(args)
+        return 0
+    if args.command == "predict":
+        from minimrcnn.engine.predict import predict_from_args
+
+        predict_from_args(args)
+        return 0
+    if args.command == "demo":
+        from minimrcnn.engine.demo import run_demo
+
+        run_demo(args)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Model and training configuration: one frozen dataclass and a few named presets.
+
+A config is plain data. Modules take keyword arguments; the ``build_*`` functions
+read the config. To vary a setting, use ``dataclasses.replace``::
+
+    cfg = dataclasses.replace(get_config("shapes-cpu"), mask_loss="softmax")
+
+Defaults are the standard Mask R-CNN R50-FPN settings (Detectron2's defaults,
+He et al. 2017); the presets below scale them down for small images and CPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+# The box coder never lets a predicted width/height grow by more than 1000/16 (Detectron2).
+DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every knob of the model and of training. ``num_classes`` counts the background."""
+
+    name: str = "coco-r50-fpn"
+
+    # ---- data ----
+    num_classes: int = 81  # 80 COCO thing classes + background (label 0)
+    min_size: tuple[int, ...] = (640, 672, 704, 736, 768, 800)  # training short side, one drawn per batch
+    min_size_test: int = 800
+    max_size: int = 1333
+    pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # images arrive in [0, 1], RGB
+    pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    size_divisibility: int = 32  # pad the batch so every FPN level divides evenly
+    hflip_prob: float = 0.5
+
+    # ---- backbone (ResNet, torchvision parameter layout) ----
+    backbone_depth: int = 50  # 18, 34, 50 or 101
+    backbone_width: int = 64  # channels of the stem; 64 is the standard ResNet
+    frozen_stages: int = 1  # 0: train all; 1: freeze stem + res2 (standard with ImageNet weights)
+    norm: str = "frozen_bn"  # "frozen_bn" (pretrained), "bn" or "gn" (from scratch)
+    backbone_weights: str | None = None  # path to an ImageNet ResNet state dict on disk
+    channels_last: bool = False  # NHWC convolutions; several times faster for small CPU models
+
+    # ---- FPN ----
+    fpn_channels: int = 256
+    fpn_levels: tuple[int, ...] = (2, 3, 4, 5, 6)  # P6 is a stride-2 subsample of P5
+
+    # ---- anchors and RPN ----
+    anchor_sizes: tuple[float, ...] = (32, 64, 128, 256, 512)  # one size per FPN level
+    anchor_aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # height / width
+    rpn_fg_iou_thresh: float = 0.7
+    rpn_bg_iou_thresh: float = 0.3
+    rpn_batch_size_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    rpn_pre_nms_topk_train: int = 2000  # per level
+    rpn_pre_nms_topk_test: int = 1000  # per level
+    rpn_post_nms_topk_train: int = 1000  # per image
+    rpn_post_nms_topk_test: int = 1000  # per image
+    rpn_nms_thresh: float = 0.7
+    rpn_min_box_size: float = 0.0
+    rpn_box_loss: str = "l1"  # "l1" or "smooth_l1"
+
+    # ---- RoI heads ----
+    roi_op: str = "align"  # "align" (Mask R-CNN) or "pool" (Faster R-CNN's RoIPool; ablation)
+    roi_sampling_ratio: int = 0  # <= 0: adaptive, ceil(roi_size / output_size)
+    roi_canonical_level: int = 4  # k0 in FPN Eqn. (1)
+    roi_canonical_size: int = 224
+    roi_fg_iou_thresh: float = 0.5
+    roi_batch_size_per_image: int = 512
+    roi_positive_fraction: float = 0.25
+    box_pool_size: int = 7
+    box_head_dim: int = 1024
+    box_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+    box_loss: str = "l1"  # "l1" or "smooth_l1"
+
+    # ---- mask head ----
+    mask_head: str = "fcn"  # "fcn" (the paper) or "mlp" (fully connected; ablation)
+    mask_loss: str = "sigmoid"  # "sigmoid" per class (the paper) or "softmax" across classes (ablation)
+    mask_pool_size: int = 14
+    mask_resolution: int = 28  # 28 (deconv x2 of 14) or 14 (no upsampling)
+    mask_head_dim: int = 256
+    mask_head_num_convs: int = 4
+
+    # ---- inference ----
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_image: int = 100
+    mask_thresh: float = 0.5
+
+    # ---- solver ----
+    batch_size: int = 16  # images per iteration, summed over all processes
+    base_lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    max_iter: int = 90_000
+    lr_schedule: str = "step"  # "step" or "cosine"
+    lr_steps: tuple[float, ...] = (60_000 / 90_000, 80_000 / 90_000)  # fractions of max_iter
+    lr_gamma: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    grad_clip: float = 0.0  # max gradient norm; 0 disables
+    grad_accum_steps: int = 1
+    amp: str = "none"  # "none", "bf16" or "fp16" (CUDA only)
+    checkpoint_period: int = 5000
+    seed: int = 0
+    num_workers: int = 4
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_PRESETS: dict[str, Config] = {}
+
+
+def _register(config: Config) -> Config:
+    _PRESETS[config.name] = config
+    return config
+
+
+_register(Config())
+
+# ResNet-50-FPN on the shapes set: the standard architecture, trained from scratch
+# (no download possible), with GroupNorm and a shorter schedule for 128 x 128 images.
+_register(
+    Config(
+        name="shapes-gpu",
+        num_classes=5,
+        min_size=(128,),
+        min_size_test=128,
+        max_size=128,
+        backbone_depth=50,
+        frozen_stages=0,
+        norm="gn",
+        anchor_sizes=(8, 16, 32, 64, 128),
+        rpn_pre_nms_topk_train=1000,
+        rpn_pre_nms_topk_test=500,
+        rpn_post_nms_topk_train=500,
+        rpn_post_nms_topk_test=300,
+        roi_batch_size_per_image=256,
+        roi_canonical_size=56,
+        batch_size=16,
+        base_lr=0.02,
+        max_iter=6000,
+        lr_schedule="cosine",
+        warmup_iters=300,
+        grad_clip=10.0,
+        amp="bf16",
+        checkpoint_period=1000,
+    )
+)
+
+# A narrow ResNet-18 FPN sized for 128 x 128 shapes images and a 2-core CPU.
+_register(
+    Config(
+        name="shapes-cpu",
+        num_classes=5,
+        min_size=(128,),
+        min_size_test=128,
+        max_size=128,
+        hflip_prob=0.5,
+        backbone_depth=18,
+        backbone_width=16,
+        frozen_stages=0,
+        norm="bn",
+        channels_last=True,
+        fpn_channels=64,
+        fpn_levels=(2, 3, 4, 5),
+        anchor_sizes=(12, 24, 48, 96),
+        rpn_batch_size_per_image=128,
+        rpn_pre_nms_topk_train=600,
+        rpn_pre_nms_topk_test=300,
+        rpn_post_nms_topk_train=200,
+        rpn_post_nms_topk_test=100,
+        roi_batch_size_per_image=64,
+        roi_canonical_size=56,
+        roi_canonical_level=4,
+        box_head_dim=256,
+        mask_head_dim=64,
+        mask_head_num_convs=2,
+        batch_size=8,
+        base_lr=0.04,
+        max_iter=1500,
+        lr_schedule="cosine",
+        warmup_iters=100,
+        grad_clip=10.0,
+        checkpoint_period=500,
+        num_workers=0,
+    )
+)
+
+
+def get_config(name_or_path: str) -> Config:
+    """A named preset (``shapes-cpu``, ``shapes-gpu``, ``coco-r50-fpn``) or a JSON file of overrides.
+
+    A JSON file may name a ``base`` preset and override any field::
+
+        {"base": "shapes-cpu", "mask_loss": "softmax", "max_iter": 300}
+    """
+    if name_or_path in _PRESETS:
+        return _PRESETS[name_or_path]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(
+            f"unknown config {name_or_path!r}: expected one of {sorted(_PRESETS)} or a JSON file"
+        )
+    try:
+        overrides = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    base = _PRESETS.get(overrides.pop("base", "coco-r50-fpn"))
+    if base is None:
+        raise ValueError(f"{path}: 'base' must be one of {sorted(_PRESETS)}")
+    known = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ValueError(f"{path}: unknown config fields {unknown}")
+    for key, value in overrides.items():
+        if isinstance(value, list):
+            overrides[key] = tuple(value)
+    return dataclasses.replace(base, name=str(path.stem), **overrides)
+
+
+def list_configs() -> list[str]:
+    return sorted(_PRESETS)
+
+
+__all__ = ["Config", "get_config", "list_configs", "DEFAULT_SCALE_CLAMP"]

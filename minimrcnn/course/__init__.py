@@ -1,0 +1,1 @@
+"""Checkers for the course's classroom exercises (to come)."""

@@ -1,0 +1,28 @@
+"""Ops written from scratch: RoIAlign and RoIPool (NumPy reference, Numba CPU and
+Numba CUDA kernels behind one autograd function each) and box operations."""
+
+from minimrcnn.ops.boxes import (
+    BoxCoder,
+    batched_nms,
+    box_area,
+    box_iou,
+    clip_boxes,
+    nms,
+    remove_small_boxes,
+)
+from minimrcnn.ops.roi_align import RoIAlign, roi_align
+from minimrcnn.ops.roi_pool import RoIPool, roi_pool
+
+__all__ = [
+    "BoxCoder",
+    "RoIAlign",
+    "RoIPool",
+    "batched_nms",
+    "box_area",
+    "box_iou",
+    "clip_boxes",
+    "nms",
+    "remove_small_boxes",
+    "roi_align",
+    "roi_pool",
+]
