@@ -1,0 +1,80 @@
+"""Anchors: reference boxes tiled over every feature-map cell of every FPN level.
+
+Shape shorthand: L: levels; Hi, Wi: size of level i; A: anchors per cell
+(one size per level times the aspect ratios).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def cell_anchors(size: float, aspect_ratios: tuple[float, ...]) -> torch.Tensor:
+    """The A anchors of one cell, centred on (0, 0): [A, 4] xyxy.
+
+    An aspect ratio is height / width; every anchor keeps the area size**2:
+    ``w = sqrt(size**2 / ratio)``, ``h = ratio * w``. Not rounded.
+    """
+    anchors = []
+    for ratio in aspect_ratios:
+        width = math.sqrt(size * size / ratio)
+        height = ratio * width
+        anchors.append([-width / 2, -height / 2, width / 2, height / 2])
+    return torch.tensor(anchors, dtype=torch.float32)
+
+
+def grid_anchors(cell: torch.Tensor, grid_size: tuple[int, int], stride: int,
+                 offset: float) -> torch.Tensor:
+    """Tile cell anchors [A, 4] over a Hi x Wi grid -> [Hi * Wi * A, 4] in (y, x, anchor) order.
+
+    The cell (y, x) is centred at ``((x + offset) * stride, (y + offset) * stride)``
+    in image coordinates.
+    """
+    height, width = grid_size
+    shifts_x = (torch.arange(width, dtype=torch.float32) + offset) * stride
+    shifts_y = (torch.arange(height, dtype=torch.float32) + offset) * stride
+    centre_y, centre_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
+    centres = torch.stack((centre_x, centre_y, centre_x, centre_y), dim=-1).reshape(-1, 1, 4)
+    # (Hi*Wi, 1, 4) + (1, A, 4) -> (Hi*Wi, A, 4) -> (Hi*Wi*A, 4)
+    return (centres + cell.reshape(1, -1, 4)).reshape(-1, 4)
+
+
+class AnchorGenerator(nn.Module):
+    """One anchor size per level and a few aspect ratios, at each level's stride.
+
+    ``offset=0.5`` centres anchors on the cells (the pixel block a feature covers);
+    Detectron2's and torchvision's default is 0.0 (the cell's top-left corner).
+    """
+
+    def __init__(self, sizes=(32, 64, 128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0),
+                 strides=(4, 8, 16, 32, 64), offset: float = 0.5):
+        super().__init__()
+        if len(sizes) != len(strides):
+            raise ValueError(f"sizes ({len(sizes)}) and strides ({len(strides)}) need one entry per level")
+        if not 0.0 <= offset < 1.0:
+            raise ValueError(f"offset must be in [0, 1), got {offset}")
+        self.sizes = tuple(float(s) for s in sizes)
+        self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
+        self.strides = tuple(int(s) for s in strides)
+        self.offset = float(offset)
+        self._cache: dict[tuple, list[torch.Tensor]] = {}
+
+    @property
+    def num_anchors_per_cell(self) -> int:
+        return len(self.aspect_ratios)
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """features: L maps [N, C, Hi, Wi] -> L anchor tensors [Hi * Wi * A, 4]."""
+        if len(features) != len(self.strides):
+            raise ValueError(f"expected {len(self.strides)} feature levels, got {len(features)}")
+        key = tuple(tuple(f.shape[-2:]) for f in features) + (str(features[0].device),)
+        if key not in self._cache:
+            self._cache[key] = [
+                grid_anchors(cell_anchors(size, self.aspect_ratios), tuple(f.shape[-2:]), stride,
+                             self.offset).to(features[0].device)
+                for size, stride, f in zip(self.sizes, self.strides, features)
+            ]
+        return self._cache[key]
