@@ -1,0 +1,13 @@
+"""Data: the synthetic shapes set, the COCO instances loader and its transforms."""
+
+from minimrcnn.data.coco import CocoFormatError, CocoInstances, collate
+from minimrcnn.data.shapes import SHAPES_CATEGORIES, ensure_shapes, generate_shapes
+
+__all__ = [
+    "SHAPES_CATEGORIES",
+    "CocoFormatError",
+    "CocoInstances",
+    "collate",
+    "ensure_shapes",
+    "generate_shapes",
+]
