@@ -1,0 +1,167 @@
+"""Multi-scale RoI feature extraction: give each RoI one FPN level, pool it there.
+
+A small box is best described by a fine, high-resolution level and a large box by
+a coarse one. FPN (Lin et al. 2017, Eqn. 1) assigns a box of size ``sqrt(w h)`` to
+
+    k = floor(k0 + log2(sqrt(w h) / canonical_size))
+
+where a box of ``canonical_size`` pixels (224, the ImageNet crop) lands on level
+``k0`` (4). Only P2-P5 carry RoIs, as in the paper: P6 exists for the RPN's
+largest anchors only.
+
+Shape shorthand:
+    N: images in the batch
+    R: RoIs in the batch (all images together)
+    C: channels of every FPN level
+    Hl, Wl: height and width of level l
+    S: pooled output size (7 for boxes, 14 for masks)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minimrcnn.ops.roi_align import roi_align
+from minimrcnn.ops.roi_pool import roi_pool
+
+# FPN levels that may carry RoIs (P2-P5, FPN paper section 4.2).
+ROI_LEVELS = (2, 3, 4, 5)
+# Keeps log2 finite for zero-area boxes (they land on the lowest level).
+LEVEL_EPS = 1e-8
+ROI_OPS = ("align", "pool")
+
+
+def assign_boxes_to_levels(
+    boxes: torch.Tensor,
+    min_level: int,
+    max_level: int,
+    canonical_level: int = 4,
+    canonical_size: float = 224.0,
+) -> torch.Tensor:
+    """FPN Eqn. (1): the level number of each box, clamped to [min_level, max_level].
+
+    boxes: [R, 4] xyxy. Returns [R] int64 level numbers (e.g. 2..5).
+    """
+    widths = (boxes[:, 2] - boxes[:, 0]).clamp(min=0)
+    heights = (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    sizes = torch.sqrt(widths * heights)
+    levels = torch.floor(canonical_level + torch.log2(sizes / canonical_size + LEVEL_EPS))
+    return levels.clamp(min=min_level, max=max_level).to(torch.int64)
+
+
+def usable_levels(feature_levels: tuple[int, ...]) -> tuple[int, ...]:
+    """The levels among ``feature_levels`` that may carry RoIs (those in P2-P5)."""
+    levels = tuple(level for level in feature_levels if level in ROI_LEVELS)
+    if not levels or list(levels) != list(range(levels[0], levels[-1] + 1)):
+        raise ValueError(
+            f"feature_levels {tuple(feature_levels)} must include consecutive levels among {ROI_LEVELS}"
+        )
+    return levels
+
+
+class MultiScaleRoIPooler(nn.Module):
+    """Pools every RoI from its FPN level with RoIAlign (or RoIPool, for the ablation).
+
+    Args:
+        output_size: S, side of the pooled square.
+        feature_levels: the level number of each feature map passed to ``forward``
+            (e.g. (2, 3, 4, 5, 6)); level l has stride 2**l.
+        roi_op: "align" (bilinear, no quantization: Mask R-CNN) or "pool" (RoIPool).
+        sampling_ratio: RoIAlign samples per bin side; <= 0 means ceil(roi_size / S).
+    """
+
+    def __init__(
+        self,
+        output_size: int,
+        feature_levels: tuple[int, ...],
+        roi_op: str = "align",
+        sampling_ratio: int = 0,
+        canonical_level: int = 4,
+        canonical_size: float = 224.0,
+    ):
+        super().__init__()
+        if roi_op not in ROI_OPS:
+            raise ValueError(f"roi_op must be one of {ROI_OPS}, got {roi_op!r}")
+        self.output_size = int(output_size)
+        self.feature_levels = tuple(int(level) for level in feature_levels)
+        self.roi_levels = usable_levels(self.feature_levels)
+        self.roi_op = roi_op
+        self.sampling_ratio = int(sampling_ratio)
+        self.canonical_level = canonical_level
+        self.canonical_size = float(canonical_size)
+
+    def assign_levels(self, boxes: torch.Tensor) -> torch.Tensor:
+        """[R, 4] boxes -> [R] level numbers, clamped to ``self.roi_levels`` (consecutive, as FPN's)."""
+        return assign_boxes_to_levels(
+            boxes, min(self.roi_levels), max(self.roi_levels),
+            self.canonical_level, self.canonical_size,
+        )
+
+    def pool_level(self, features: torch.Tensor, rois: torch.Tensor, level: int) -> torch.Tensor:
+        """features: [N, C, Hl, Wl] of level ``level``; rois: [r, 5] -> [r, C, S, S]."""
+        scale = 1.0 / 2**level
+        # The RoI kernels take float32/float64 only (features may be bf16 under autocast).
+        if features.dtype not in (torch.float32, torch.float64):
+            features = features.float()
+        rois = rois.to(features.dtype)
+        if self.roi_op == "align":
+            return roi_align(
+                features, rois, self.output_size, spatial_scale=scale,
+                sampling_ratio=self.sampling_ratio, aligned=True,
+            )
+        return roi_pool(features, rois, self.output_size, spatial_scale=scale)
+
+    def forward(self, features: list[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
+        """features: one [N, C, Hl, Wl] per entry of ``feature_levels``; rois: [R, 5].
+
+        Returns [R, C, S, S], row r pooled from the level that RoI r was assigned to.
+        """
+        if len(features) != len(self.feature_levels):
+            raise ValueError(
+                f"features: expected {len(self.feature_levels)} maps for levels "
+                f"{self.feature_levels}, got {len(features)}"
+            )
+        if rois.dim() != 2 or rois.shape[1] != 5:
+            raise ValueError(f"rois: expected [R, 5], got {tuple(rois.shape)}")
+        num_channels = features[0].shape[1]
+        size = self.output_size
+        if rois.shape[0] == 0:
+            return features[0].new_zeros((0, num_channels, size, size))
+        roi_levels = self.assign_levels(rois[:, 1:])
+        pooled_per_level, order_per_level = [], []
+        for level, level_features in zip(self.feature_levels, features):
+            if level not in self.roi_levels:
+                continue
+            indices = torch.nonzero(roi_levels == level).squeeze(1)
+            if indices.numel() == 0:
+                continue
+            pooled_per_level.append(self.pool_level(level_features, rois[indices], level))
+            order_per_level.append(indices)
+        # Undo the grouping by level: row r of the output is RoI r.
+        pooled = torch.cat(pooled_per_level)
+        order = torch.cat(order_per_level)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return pooled[inverse]
+
+
+def build_pooler(config, output_size: int, feature_levels: tuple[int, ...] | None = None):
+    """A pooler for ``config.fpn_levels`` with the config's RoI op and sampling ratio."""
+    return MultiScaleRoIPooler(
+        output_size,
+        feature_levels if feature_levels is not None else config.fpn_levels,
+        roi_op=config.roi_op,
+        sampling_ratio=config.roi_sampling_ratio,
+        canonical_level=config.roi_canonical_level,
+        canonical_size=config.roi_canonical_size,
+    )
+
+
+__all__ = [
+    "MultiScaleRoIPooler",
+    "ROI_LEVELS",
+    "assign_boxes_to_levels",
+    "build_pooler",
+    "usable_levels",
+]
