@@ -44,8 +44,6 @@ AREA_RANGES = {
     "medium": (32.0**2, 96.0**2),
     "large": (96.0**2, 1e10),
 }
-# pycocotools caps the threshold just below 1 so that a perfect match still counts at IoU 1.
-_MAX_IOU_THRESHOLD = 1 - 1e-10
 SUMMARY_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
                  "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -208,6 +206,8 @@ def prepare(ground_truth, results, iou_type: str = "segm"):
 def _sort_and_cut_detections(group: Group) -> None:
     """Highest score first; equal scores keep their input order (stable sort)."""
     order = np.argsort(-np.asarray(group.dt_scores, dtype=np.float64), kind="stable")
+    # Cutting here only saves work: matching is greedy in score order, so the
+    # detections beyond the budget could not change the matches of those before.
     order = order[:MAX_DETECTIONS[-1]]
     group.dt_regions = [group.dt_regions[i] for i in order]
     group.dt_areas = [group.dt_areas[i] for i in order]
@@ -239,7 +239,7 @@ def match_detections(ious: np.ndarray, gt_ignored: np.ndarray, gt_crowd: np.ndar
     gt_taken = np.zeros(num_gt, dtype=bool)
     matched_gt = np.full(num_detections, -1)
     for d in range(num_detections):
-        best_iou = min(iou_threshold, _MAX_IOU_THRESHOLD)
+        best_iou = iou_threshold
         best = -1
         for g in range(num_gt):
             if gt_taken[g] and not gt_crowd[g]:
