@@ -340,3 +340,34 @@ def test_bad_inputs_name_the_culprit():
                                        if k != "segmentation"}]), good, "segm")
     with pytest.raises(ValueError, match="iou_threshold"):
         precision_recall(evaluate(gt, good, "bbox"), iou_threshold=0.52)
+
+
+# ------------------------------------------------------------------------ shapes set
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shapes_ground_truth_with_perturbed_detections(tiny_shapes, seed):
+    """Detections made from the shapes annotations: shifted masks, jittered boxes, extras."""
+    gt = json.loads((tiny_shapes / "annotations" / "instances_val.json").read_text())
+    assert any(a["iscrowd"] for a in gt["annotations"])  # the crowd path is exercised
+    rng = np.random.default_rng(seed)
+    images = {image["id"]: image for image in gt["images"]}
+    category_ids = [c["id"] for c in gt["categories"]]
+    results = []
+    for annotation in gt["annotations"]:
+        image = images[annotation["image_id"]]
+        mask = decode_segmentation(annotation["segmentation"], image["height"], image["width"])
+        for _ in range(int(rng.choice([0, 1, 1, 1, 2]))):
+            shift = rng.integers(-3, 4, size=2)
+            moved = np.roll(mask, tuple(shift), axis=(0, 1))
+            box = np.asarray(annotation["bbox"], dtype=float) + rng.normal(0, 1.5, 4)
+            results.append({"image_id": image["id"], "category_id": annotation["category_id"],
+                            "score": float(np.round(rng.uniform(0.1, 1), 2)),
+                            "bbox": box.tolist(), "segmentation": compressed_rle(moved)})
+    for image in gt["images"]:  # false positives, some in categories that may lack ground truth
+        for _ in range(3):
+            shape = random_shape(rng, image["height"], image["width"])
+            results.append(make_detection(rng, image, int(rng.choice(category_ids)), shape,
+                                          float(np.round(rng.uniform(0, 1), 2)), 0))
+    for iou_type in ("bbox", "segm"):
+        stats = assert_matches_pycocotools(gt, results, iou_type)
+        assert 0 < stats[0] < 1
