@@ -2,11 +2,16 @@
 
 from minimrcnn.data.coco import CocoFormatError, CocoInstances, collate
 from minimrcnn.data.shapes import SHAPES_CATEGORIES, ensure_shapes, generate_shapes
+from minimrcnn.data.transforms import Compose, Normalize, RandomHorizontalFlip, Resize
 
 __all__ = [
     "SHAPES_CATEGORIES",
     "CocoFormatError",
     "CocoInstances",
+    "Compose",
+    "Normalize",
+    "RandomHorizontalFlip",
+    "Resize",
     "collate",
     "ensure_shapes",
     "generate_shapes",

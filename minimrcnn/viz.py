@@ -1,0 +1,147 @@
+"""Pictures with matplotlib: instances (boxes, class names, scores, translucent masks),
+panoptic maps, stable colours, and ``describe`` for printing what an array holds.
+
+Every drawing function takes a matplotlib ``Axes`` and returns the artists it added, so
+callers can restyle or remove them.
+"""
+
+from __future__ import annotations
+
+import colorsys
+
+import numpy as np
+
+GOLDEN_RATIO_CONJUGATE = 0.618033988749895  # hue step that keeps successive colours far apart
+MASK_ALPHA = 0.45
+
+
+def colour_for(index: int) -> tuple[float, float, float]:
+    """A saturated RGB colour in [0, 1] for an integer index; the same index gives the same colour."""
+    hue = (int(index) * GOLDEN_RATIO_CONJUGATE) % 1.0
+    lightness = (0.45, 0.55, 0.62)[int(index) % 3]
+    return colorsys.hls_to_rgb(hue, lightness, 0.85)
+
+
+def _to_numpy(array) -> np.ndarray:
+    if hasattr(array, "detach"):
+        array = array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def _image_hwc(image) -> np.ndarray:
+    """[3, H, W] or [H, W, 3] (float in [0, 1] or uint8) -> [H, W, 3] for imshow."""
+    image = _to_numpy(image)
+    if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
+        image = image.transpose(1, 2, 0)
+    if image.dtype != np.uint8:
+        image = np.clip(image, 0, 1)
+    return image
+
+
+def draw_instances(ax, image, boxes=None, labels=None, scores=None, masks=None, class_names=None,
+                   score_thresh: float = 0.0):
+    """Draw an image with its instances.
+
+    Args:
+        image: [3, H, W] or [H, W, 3], float in [0, 1] or uint8 (tensor or array).
+        boxes: [D, 4] xyxy; labels: [D] ints; scores: [D] floats (instances below
+            ``score_thresh`` are skipped); masks: [D, H, W] (bool, uint8 or probabilities >= 0.5).
+        class_names: label -> name (index 0 is the background), for the captions.
+    Returns:
+        list of the matplotlib artists added (image, mask overlay, rectangles, texts).
+    """
+    from matplotlib.patches import Rectangle
+
+    picture = _image_hwc(image)
+    height, width = picture.shape[:2]
+    artists = [ax.imshow(picture)]
+    counts = [len(_to_numpy(a)) for a in (boxes, labels, scores, masks) if a is not None]
+    if counts and len(set(counts)) != 1:
+        raise ValueError(f"boxes, labels, scores and masks must describe the same instances, got lengths {counts}")
+    num_instances = counts[0] if counts else 0
+    keep = np.arange(num_instances)
+    if scores is not None:
+        keep = keep[_to_numpy(scores)[keep] >= score_thresh]
+
+    colours = [colour_for(int(_to_numpy(labels)[i]) if labels is not None else i) for i in keep]
+    if masks is not None and len(keep):
+        overlay = np.zeros((height, width, 4), dtype=np.float32)  # one RGBA layer for all masks
+        masks_np = _to_numpy(masks)
+        for colour, i in zip(colours, keep):
+            inside = masks_np[i] >= 0.5 if masks_np.dtype.kind == "f" else masks_np[i].astype(bool)
+            overlay[inside] = (*colour, MASK_ALPHA)
+        artists.append(ax.imshow(overlay))
+    if boxes is not None:
+        boxes_np = _to_numpy(boxes)
+        for colour, i in zip(colours, keep):
+            x1, y1, x2, y2 = (float(v) for v in boxes_np[i])
+            artists.append(ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
+                                                  edgecolor=colour, linewidth=1.5)))
+    for colour, i in zip(colours, keep):
+        caption = []
+        if labels is not None:
+            label = int(_to_numpy(labels)[i])
+            caption.append(class_names[label] if class_names is not None else str(label))
+        if scores is not None:
+            caption.append(f"{float(_to_numpy(scores)[i]):.2f}")
+        if caption and boxes is not None:
+            x1, y1 = (float(v) for v in _to_numpy(boxes)[i][:2])
+            artists.append(ax.text(x1, y1, " ".join(caption), fontsize=7, color="white", va="bottom",
+                                   bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "edgecolor": "none"}))
+    ax.set_xlim(-0.5, width - 0.5)
+    ax.set_ylim(height - 0.5, -0.5)
+    ax.set_axis_off()
+    return artists
+
+
+def draw_panoptic(ax, panoptic_ids, segments_info, categories):
+    """Draw a panoptic map: each segment in its own colour, captioned with its category.
+
+    Args:
+        panoptic_ids: [H, W] segment ids (0 is void, drawn black).
+        segments_info: dicts with "id" and "category_id" (COCO panoptic ``segments_info``).
+        categories: COCO panoptic categories (dicts with "id", "name", "isthing").
+    Returns:
+        list of the matplotlib artists added.
+    """
+    ids = _to_numpy(panoptic_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"panoptic_ids: expected [H, W], got shape {ids.shape}")
+    category_of = {c["id"]: c for c in categories}
+    picture = np.zeros((*ids.shape, 3), dtype=np.float32)
+    placements = []
+    for number, segment in enumerate(segments_info):
+        category = category_of.get(segment["category_id"])
+        if category is None:
+            raise ValueError(f"segments_info: segment {segment['id']} has unknown category {segment['category_id']}")
+        inside = ids == segment["id"]
+        if not inside.any():
+            continue
+        # Stuff keeps one muted colour per category; things get one colour per segment.
+        colour = colour_for(number + 1) if category.get("isthing", 1) else \
+            tuple(0.35 + 0.4 * np.array(colour_for(1000 + category["id"])))
+        picture[inside] = colour
+        rows, cols = np.nonzero(inside)
+        middle = len(rows) // 2  # a pixel of the segment itself, near its middle row
+        order = np.argsort(rows, kind="stable")
+        placements.append((cols[order[middle]], rows[order[middle]], category["name"]))
+    artists = [ax.imshow(picture)]
+    for x, y, name in placements:
+        artists.append(ax.text(x, y, name, fontsize=7, ha="center", va="center", color="white",
+                               bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "edgecolor": "none"}))
+    ax.set_axis_off()
+    return artists
+
+
+def describe(name: str, array) -> str:
+    """Print and return a one-line summary: name, shape, dtype, min, max (handy in notebooks)."""
+    dtype = str(getattr(array, "dtype", None) or np.asarray(array).dtype)  # torch.float32 or float32
+    values = _to_numpy(array)
+    if values.size:
+        numbers = values.astype(np.float64)
+        low, high = f"{numbers.min():.4g}", f"{numbers.max():.4g}"
+    else:
+        low = high = "-"
+    line = f"{name:<24} shape {str(tuple(values.shape)):<18} {dtype:<13} min {low:>9}  max {high:>9}"
+    print(line)
+    return line
