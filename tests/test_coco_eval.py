@@ -204,3 +204,36 @@ def test_predict_dataset_keeps_order_batches_and_mode():
     assert [image_id for image_id, _ in subset] == [105, 101]
     with pytest.raises(ValueError, match="batch_size"):
         predict_dataset(model, ConstantImages(), batch_size=0)
+
+
+# ------------------------------------------------------------------- the evaluate command
+
+def test_evaluate_command_end_to_end(tiny_shapes, tmp_path, capsys):
+    """An untrained model's checkpoint through ``python -m minimrcnn evaluate``: the plumbing."""
+    from minimrcnn import MaskRCNN, get_config
+    from minimrcnn.cli import main
+    from minimrcnn.engine.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    config = get_config("shapes-cpu")
+    checkpoint = save_checkpoint(tmp_path / "model.pth", MaskRCNN(config), None, {"max_iter": 0}, 0,
+                                 config=config)
+    gt = json.loads((tiny_shapes / "annotations" / "instances_val.json").read_text())
+    kept = {image["id"] for image in gt["images"][:2]}  # two images keep the test quick
+    gt["images"] = [image for image in gt["images"] if image["id"] in kept]
+    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in kept]
+    annotations = tmp_path / "val2.json"
+    annotations.write_text(json.dumps(gt))
+
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--images", str(tiny_shapes / "images"),
+                 "--annotations", str(annotations), "--out", str(tmp_path / "eval"),
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    results = json.loads((tmp_path / "eval" / "coco_results.json").read_text())
+    assert set(metrics) == {"bbox", "segm"} and set(metrics["segm"]) == set(AP_NAMES)
+    assert format_ap_table(metrics) in printed
+    assert {r["image_id"] for r in results} <= kept
+    assert all({"bbox", "segmentation", "score", "category_id"} <= set(r) for r in results)
+    valid_categories = {c["id"] for c in gt["categories"]}
+    assert {r["category_id"] for r in results} <= valid_categories
