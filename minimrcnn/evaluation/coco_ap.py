@@ -143,8 +143,7 @@ def prepare(ground_truth, results, iou_type: str = "segm"):
     Returns ``(image_ids, category_ids, groups)``: sorted ids and a dict
     ``(image_id, category_id) -> Group``. Results for categories that the ground truth
     does not list are dropped (as pycocotools does); results for unknown images are
-    an error. A result's area is its box ``w*h`` when it carries a box, else its mask
-    area; a box-only result is evaluated in ``segm`` as the mask of its box.
+    an error.
     """
     if iou_type not in ("segm", "bbox"):
         raise ValueError(f"iou_type must be 'segm' or 'bbox', got {iou_type!r}")
@@ -181,26 +180,36 @@ def prepare(ground_truth, results, iou_type: str = "segm"):
                              "which the ground truth does not have")
         if result["category_id"] not in category_ids:
             continue
-        has_box = len(result.get("bbox", [])) > 0
-        rle = None
-        if "segmentation" in result:
-            rle = _to_rle(result["segmentation"], *image_sizes[result["image_id"]])
-        elif iou_type == "segm":
-            if not has_box:
-                raise ValueError(f"results[{index}] has neither 'bbox' nor 'segmentation'")
-            rle = _to_rle(_box_polygon(result["bbox"]), *image_sizes[result["image_id"]])
-        if not has_box and rle is None:
-            raise ValueError(f"results[{index}] has neither 'bbox' nor 'segmentation'")
-        box = list(result["bbox"]) if has_box else mask_utils.toBbox(rle).tolist()
+        region, area = _result_region(result, index, iou_type, image_sizes[result["image_id"]])
         group = groups.setdefault((result["image_id"], result["category_id"]), Group())
-        group.dt_regions.append(rle if iou_type == "segm" else box)
-        group.dt_areas.append(box[2] * box[3] if has_box else float(mask_utils.area(rle)))
+        group.dt_regions.append(region)
+        group.dt_areas.append(area)
         group.dt_scores.append(float(result["score"]))
 
     for group in groups.values():
         _sort_and_cut_detections(group)
         group.ious = compute_ious(group.dt_regions, group.gt_regions, group.gt_crowd)
     return image_ids, category_ids, groups
+
+
+def _result_region(result: dict, index: int, iou_type: str, image_size: tuple):
+    """A result's region for ``iou_type`` (box [x, y, w, h] or RLE) and its area.
+
+    As pycocotools' ``loadRes``: the area is the box's ``w*h`` when the result has a
+    box, else the mask's; a mask-only result gets its mask's bounding box, and a
+    box-only result is evaluated in ``segm`` as the mask of its box.
+    """
+    has_box = len(result.get("bbox", [])) > 0
+    has_mask = "segmentation" in result
+    if not (has_box or has_mask):
+        raise ValueError(f"results[{index}] has neither 'bbox' nor 'segmentation'")
+    rle = _to_rle(result["segmentation"], *image_size) if has_mask else None
+    area = result["bbox"][2] * result["bbox"][3] if has_box else float(mask_utils.area(rle))
+    if iou_type == "bbox":
+        region = list(result["bbox"]) if has_box else mask_utils.toBbox(rle).tolist()
+    else:
+        region = rle if has_mask else _to_rle(_box_polygon(result["bbox"]), *image_size)
+    return region, area
 
 
 def _sort_and_cut_detections(group: Group) -> None:
