@@ -1,0 +1,203 @@
+"""Mask R-CNN (He et al. 2017): the whole model, as composition only.
+
+    images -> normalize, resize, pad -> backbone -> FPN -> RPN proposals
+           -> RoI heads (boxes, classes, masks) -> back to original image coordinates
+
+Inputs are lists of float RGB images [3, H, W] in [0, 1] at any sizes; targets (for
+training) are dicts with boxes [G, 4] float32 xyxy, labels [G] int64 in 1..K,
+masks [G, H, W] uint8/bool and optionally iscrowd [G] int64. Crowd regions are
+dropped from training targets (Detectron2 also leaves them out of the losses).
+
+Shape shorthand: N images; G objects of an image; D detections; H, W original size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minimrcnn.modeling.backbone import build_backbone
+from minimrcnn.modeling.fpn import build_fpn
+from minimrcnn.modeling.image_list import batch_images
+from minimrcnn.modeling.masks import paste_masks_in_image
+from minimrcnn.modeling.roi_heads import build_roi_heads
+from minimrcnn.modeling.rpn import build_rpn
+from minimrcnn.ops.boxes import clip_boxes
+
+LOSS_NAMES = ("loss_objectness", "loss_rpn_box", "loss_classifier", "loss_box", "loss_mask")
+MASK_DTYPES = (torch.uint8, torch.bool)
+
+
+def validate_images(images) -> None:
+    if isinstance(images, torch.Tensor) or not isinstance(images, (list, tuple)):
+        raise TypeError(f"images must be a list of [3, H, W] tensors, got {type(images).__name__}")
+    if len(images) == 0:
+        raise ValueError("images: the batch is empty")
+    for index, image in enumerate(images):
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"images[{index}] must be a tensor, got {type(image).__name__}")
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"images[{index}]: expected [3, H, W], got {tuple(image.shape)}")
+        if not image.is_floating_point():
+            raise TypeError(f"images[{index}]: expected a float image in [0, 1], got {image.dtype}")
+
+
+def validate_targets(images: list[torch.Tensor], targets, num_classes: int) -> None:
+    """Raise a ValueError/TypeError naming the image index and field of the first bad target."""
+    if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
+        raise ValueError(f"targets: expected a list of {len(images)} dicts (one per image), "
+                         f"got {type(targets).__name__} of length {len(targets) if hasattr(targets, '__len__') else '?'}")
+    for index, (image, target) in enumerate(zip(images, targets)):
+        where = f"targets[{index}]"
+        if not isinstance(target, dict):
+            raise TypeError(f"{where}: expected a dict, got {type(target).__name__}")
+        for field in ("boxes", "labels", "masks"):
+            if field not in target:
+                raise ValueError(f"{where}: missing field {field!r}")
+            if not isinstance(target[field], torch.Tensor):
+                raise TypeError(f"{where}['{field}']: expected a tensor, got {type(target[field]).__name__}")
+        boxes, labels, masks = target["boxes"], target["labels"], target["masks"]
+        if boxes.dim() != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"{where}['boxes']: expected [G, 4], got {tuple(boxes.shape)}")
+        if not boxes.is_floating_point():
+            raise TypeError(f"{where}['boxes']: expected a float tensor, got {boxes.dtype}")
+        num_objects = boxes.shape[0]
+        if labels.shape != (num_objects,):
+            raise ValueError(f"{where}['labels']: expected [{num_objects}], got {tuple(labels.shape)}")
+        if labels.dtype != torch.int64:
+            raise TypeError(f"{where}['labels']: expected int64, got {labels.dtype}")
+        height, width = image.shape[-2:]
+        if masks.shape != (num_objects, height, width):
+            raise ValueError(f"{where}['masks']: expected [{num_objects}, {height}, {width}] "
+                             f"(objects, image height, width), got {tuple(masks.shape)}")
+        if masks.dtype not in MASK_DTYPES:
+            raise TypeError(f"{where}['masks']: expected uint8 or bool, got {masks.dtype}")
+        if "iscrowd" in target and target["iscrowd"].shape != (num_objects,):
+            raise ValueError(f"{where}['iscrowd']: expected [{num_objects}], got {tuple(target['iscrowd'].shape)}")
+        if num_objects == 0:
+            continue
+        if not torch.isfinite(boxes).all():
+            raise ValueError(f"{where}['boxes']: contains NaN or infinite values")
+        bad = torch.nonzero((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).flatten()
+        if bad.numel() > 0:
+            raise ValueError(f"{where}['boxes']: box {int(bad[0])} {boxes[bad[0]].tolist()} has "
+                             "x2 < x1 or y2 < y1 (expected xyxy)")
+        bad = torch.nonzero((labels < 1) | (labels >= num_classes)).flatten()
+        if bad.numel() > 0:
+            raise ValueError(f"{where}['labels']: label {int(labels[bad[0]])} of object {int(bad[0])} is "
+                             f"out of range 1..{num_classes - 1} (0 is the background)")
+
+
+def training_targets(targets: list[dict], scales: list[tuple[float, float]]) -> list[dict]:
+    """Targets as the heads use them: no crowd or empty boxes, boxes in resized-image pixels.
+
+    Masks stay at the original resolution; ``mask_scale`` tells the mask-target code
+    how to map the resized boxes back onto them (so masks are never resized).
+    """
+    prepared = []
+    for target, (scale_x, scale_y) in zip(targets, scales):
+        boxes = target["boxes"]
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if "iscrowd" in target:
+            keep &= target["iscrowd"] == 0
+        scale = boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
+        prepared.append({
+            "boxes": (boxes[keep] * scale).to(torch.float32),
+            "labels": target["labels"][keep],
+            "masks": target["masks"][keep],
+            "mask_scale": (scale_x, scale_y),
+        })
+    return prepared
+
+
+class MaskRCNN(nn.Module):
+    """``model(images, targets)`` -> the five losses (training); ``model.predict(images)``
+    -> per image dict(boxes [D, 4], labels [D], scores [D], masks [D, H, W] bool)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.backbone = build_backbone(config)
+        self.fpn = build_fpn(config, self.backbone.out_channels)
+        self.rpn = build_rpn(config, config.fpn_channels)
+        self.roi_heads = build_roi_heads(config, config.fpn_channels)
+        if config.channels_last:
+            # NHWC convolutions: much faster for small models on CPU.
+            self.backbone.to(memory_format=torch.channels_last)
+            self.fpn.to(memory_format=torch.channels_last)
+
+    def preprocess(self, images: list[torch.Tensor]):
+        """Normalize, resize (a random short side in training) and pad into an ImageBatch."""
+        config = self.config
+        if self.training:
+            min_size = config.min_size[int(torch.randint(len(config.min_size), ()))]
+        else:
+            min_size = config.min_size_test
+        batch = batch_images(images, config.pixel_mean, config.pixel_std, min_size,
+                             config.max_size, config.size_divisibility)
+        if config.channels_last:
+            batch.tensor = batch.tensor.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
+        validate_images(images)
+        if self.training:
+            if targets is None:
+                raise ValueError("targets: required in training mode (call model.eval() or predict())")
+            validate_targets(images, targets, self.config.num_classes)
+        batch = self.preprocess(images)
+        features = self.fpn(self.backbone(batch.tensor))
+        if self.training:
+            targets = training_targets(targets, batch.scales)
+            gt_boxes = [target["boxes"] for target in targets]
+            proposals, rpn_losses = self.rpn(features, batch.image_sizes, gt_boxes)
+            _, roi_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+            losses = {**rpn_losses, **roi_losses}
+            check_losses_finite(losses)
+            return losses
+        proposals, _ = self.rpn(features, batch.image_sizes, None)
+        detections, _ = self.roi_heads(features, proposals, batch.image_sizes)
+        original_sizes = [tuple(image.shape[-2:]) for image in images]
+        return [
+            self.to_original_image(detection, scale, size)
+            for detection, scale, size in zip(detections, batch.scales, original_sizes)
+        ]
+
+    def to_original_image(self, detection: dict, scale: tuple[float, float],
+                          original_size: tuple[int, int]) -> dict:
+        """Boxes back to original pixels; masks pasted into the original image."""
+        scale_x, scale_y = scale
+        boxes = detection["boxes"] / detection["boxes"].new_tensor([scale_x, scale_y, scale_x, scale_y])
+        boxes = clip_boxes(boxes, original_size).to(torch.float32)
+        masks = paste_masks_in_image(detection["mask_probs"], boxes, original_size,
+                                     self.config.mask_thresh)
+        return {
+            "boxes": boxes,
+            "labels": detection["labels"].to(torch.int64),
+            "scores": detection["scores"].to(torch.float32),
+            "masks": masks,
+        }
+
+    @torch.no_grad()
+    def predict(self, images: list[torch.Tensor]) -> list[dict]:
+        """Inference in eval mode without gradients; the previous mode is restored."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(images)
+        finally:
+            self.train(was_training)
+
+
+def check_losses_finite(losses: dict[str, torch.Tensor]) -> None:
+    """Raise FloatingPointError naming every loss that is NaN or infinite (one sync)."""
+    values = torch.stack([value.detach().float() for value in losses.values()])
+    if not bool(torch.isfinite(values).all()):
+        bad = [f"{name}={value.item()}" for name, value in losses.items()
+               if not torch.isfinite(value.detach()).all()]
+        raise FloatingPointError(f"non-finite losses: {', '.join(bad)}; lower the learning rate, "
+                                 "enable grad_clip, or check the targets")
+
+
+__all__ = ["LOSS_NAMES", "MaskRCNN", "check_losses_finite", "training_targets",
+           "validate_images", "validate_targets"]
