@@ -298,8 +298,8 @@ def evaluate_image(group: Group, area_range: tuple) -> ImageResult:
 def gather_detections(image_results: list, max_detections: int):
     """Pool the top ``max_detections`` of every image, all images sorted by score.
 
-    Returns ``(true_positive [T, N], false_positive [T, N], num_gt)`` where N counts the
-    pooled detections that are not ignored and num_gt the ground truth recall counts.
+    Returns ``(true_positive [T, N], false_positive [T, N], num_gt)`` over the N pooled
+    detections (an ignored one is neither) and num_gt, the ground truth recall counts.
     """
     if not image_results:
         empty = np.zeros((len(IOU_THRESHOLDS), 0), dtype=bool)
