@@ -1,0 +1,493 @@
+"""The training loop: SGD with warm-up and decay, AMP, accumulation, DDP, exact resume, time budgets.
+
+One iteration processes ``config.batch_size`` images in all (split over the processes,
+then over ``grad_accum_steps`` micro-batches), takes one optimizer step and sets the
+learning rate from :func:`~minimrcnn.engine.schedule.lr_factor`. Every random choice is a
+pure function of ``(seed, iteration)``: the sampler orders the images by it, each sample's
+augmentation is seeded by its stream position, and the model's own sampling (anchors,
+RoIs) runs after ``torch.manual_seed(mix_seed(seed, iteration, micro_batch))``. Hence a
+run resumed from a checkpoint ends with the same weights as one never interrupted, and G
+processes compute what one process computes with G accumulation steps.
+
+Nothing in the loop waits for the device except every ``LOG_PERIOD`` iterations, when the
+losses are read back, checked for NaN/inf and written as a JSON line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minimrcnn.config import Config, get_config
+from minimrcnn.engine import checkpoint as ckpt
+from minimrcnn.engine import distributed as distrib
+from minimrcnn.engine.logging import LOSS_NAMES, MetricsWriter, plot_loss_curve, read_metrics
+from minimrcnn.engine.schedule import iterations_within_budget, lr_factor, stretch_warmup
+
+LOG_PERIOD = 20  # iterations between loss read-backs (each one waits for the device)
+CALIBRATION_SKIP = 2  # first iterations fill caches (JIT, allocator) and are not timed
+CALIBRATION_ITERS = 5  # timed iterations that set max_iter under a time budget
+REPLAN_FRACTION = 0.3  # re-measure the speed once, this far into a budgeted run
+FINAL_RESERVE_SECONDS = 5.0  # last checkpoint, loss curve, start-up of the evaluation
+EVAL_ESTIMATE_IMAGES = 8  # val images predicted to estimate the evaluation time
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def resolve_device(device=None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device} requested but CUDA is not available")
+    return device
+
+
+def shapes_root(data_root) -> Path:
+    """``data_root`` holding a shapes set: any set already there (whatever its size), else a new one."""
+    root = Path(data_root)
+    if all((root / "annotations" / f"instances_{split}.json").is_file() for split in ("train", "val")):
+        return root
+    from minimrcnn.data.shapes import ensure_shapes
+
+    return Path(ensure_shapes(root))
+
+
+def dataset_paths(train_images=None, train_annotations=None, val_images=None, val_annotations=None,
+                  data_root="data/shapes") -> dict:
+    """The four dataset paths; the shapes set under ``data_root`` (generated if absent) by default."""
+    given = {"train_images": train_images, "train_annotations": train_annotations,
+             "val_images": val_images, "val_annotations": val_annotations}
+    if train_images is None and train_annotations is None:
+        root = shapes_root(data_root)
+        shapes = {"train_images": root / "images", "train_annotations": root / "annotations/instances_train.json",
+                  "val_images": root / "images", "val_annotations": root / "annotations/instances_val.json"}
+        if val_images is None and val_annotations is None:
+            return shapes
+        given.update({k: shapes[k] for k in ("train_images", "train_annotations")})
+    if (given["train_images"] is None) != (given["train_annotations"] is None):
+        raise ValueError("train_images and train_annotations: give both or neither")
+    if (given["val_images"] is None) != (given["val_annotations"] is None):
+        raise ValueError("val_images and val_annotations: give both or neither")
+    for key, value in given.items():
+        if value is not None and not Path(value).exists():
+            raise ValueError(f"{key}: {value} does not exist")
+    return {key: Path(value) if value is not None else None for key, value in given.items()}
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Indexed by ``(index, seed)``: the sample with its random augmentation drawn from ``seed``."""
+
+    def __init__(self, dataset, transform=None):
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        image, target = self.dataset[index]
+        if self.transform is None:
+            return image, target
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image, target)
+
+
+def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.SGD:
+    """SGD with momentum; no weight decay on biases and normalization weights (1-D parameters)."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=config.base_lr,
+                           momentum=config.momentum)
+
+
+def build_train_loader(dataset, config: Config, sampler, device: torch.device):
+    from minimrcnn.data import collate
+    from minimrcnn.data.transforms import RandomHorizontalFlip
+
+    transform = RandomHorizontalFlip(config.hflip_prob) if config.hflip_prob > 0 else None
+    return torch.utils.data.DataLoader(
+        SeededSamples(dataset, transform), batch_sampler=sampler, collate_fn=collate,
+        num_workers=config.num_workers, persistent_workers=config.num_workers > 0,
+        pin_memory=device.type == "cuda")
+
+
+def autocast_for(config: Config, device: torch.device):
+    """The autocast context of ``config.amp`` (mixed precision on CUDA only)."""
+    if config.amp not in ("none", *AMP_DTYPES):
+        raise ValueError(f"config.amp: expected 'none', 'bf16' or 'fp16', got {config.amp!r}")
+    if config.amp == "none" or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=AMP_DTYPES[config.amp])
+
+
+def _to_device(images, targets, device):
+    if device.type == "cpu":
+        return images, targets
+    images = [image.to(device, non_blocking=True) for image in images]
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in targets]
+    return images, targets
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _raise_if_nonfinite(loss_rows: torch.Tensor, first_iteration: int, names) -> None:
+    """loss_rows: [T, L], one row per iteration from ``first_iteration`` on."""
+    finite = torch.isfinite(loss_rows)
+    if bool(finite.all()):
+        return
+    row, column = (~finite).nonzero()[0].tolist()
+    raise FloatingPointError(
+        f"{names[column]} is {loss_rows[row, column].item()} at iteration {first_iteration + row}: "
+        "training stopped; no checkpoint was written after the last good one "
+        "(lower config.base_lr, raise warm-up, or set config.grad_clip)")
+
+
+def estimate_eval_seconds(model, val_dataset, device, num_images: int) -> float:
+    """Seconds to predict ``num_images`` val images, from timing a few of them."""
+    if val_dataset is None or len(val_dataset) == 0:
+        return 0.0
+    model = ckpt.unwrap_model(model)
+    sample_count = min(EVAL_ESTIMATE_IMAGES, len(val_dataset))
+    images = [val_dataset[i][0].to(device) for i in range(sample_count)]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        _synchronize(device)
+        start = time.perf_counter()
+        model.predict(images)
+        _synchronize(device)
+        seconds = time.perf_counter() - start
+    model.train(was_training)
+    # The COCO evaluation itself adds roughly a third again on CPU.
+    return 1.35 * seconds / sample_count * num_images
+
+
+def _check_resume_config(config: Config, saved: dict, path: Path) -> None:
+    current = ckpt.config_to_dict(config)
+    differing = sorted(key for key in current if current[key] != saved.get(key))
+    if differing:
+        raise ValueError(f"{path}: the checkpoint was trained with another config; "
+                         f"differing fields: {differing}")
+
+
+def _class_info(dataset) -> dict:
+    names = getattr(dataset, "class_names", None)
+    category_ids = getattr(dataset, "category_ids", None)
+    return {"class_names": list(names) if names is not None else None,
+            "category_ids": [int(c) for c in category_ids] if category_ids is not None else None}
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(config: Config | None, out_dir, train_images=None, train_annotations=None, val_images=None,
+          val_annotations=None, data_root="data/shapes", time_budget_minutes: float | None = None,
+          resume: bool = False, device=None, max_iter: int | None = None, evaluate: bool = True,
+          progress: bool = True) -> dict:
+    """Train a Mask R-CNN; returns the run summary (also written to ``out_dir/metrics.json``).
+
+    ``config`` may be None with ``resume``: the checkpoint's config is used. Under a
+    ``time_budget_minutes`` the whole call, final evaluation included, ends within the
+    budget: the speed of the first iterations sets ``max_iter`` and the schedule
+    stretches to it. Writes ``last.pth`` (every ``checkpoint_period`` iterations and at the
+    end), ``model_final.pth``, ``metrics.jsonl``, ``loss_curve.png`` and ``metrics.json``.
+    """
+    call_start = time.perf_counter()
+    device = resolve_device(device)
+    info = distrib.init_distributed(device)
+    if device.type == "cuda" and info.is_distributed:
+        device = torch.device("cuda", info.local_rank)
+    out_dir = Path(out_dir)
+    last_path = out_dir / "last.pth"
+
+    saved = None
+    if resume:
+        saved = ckpt.load_checkpoint(last_path)
+        if config is None:
+            config = ckpt.config_from_dict(saved["config"], source=str(last_path))
+        _check_resume_config(config, saved["config"], last_path)
+        if "optimizer" not in saved:
+            raise ValueError(f"{last_path}: holds no optimizer state, cannot resume from it")
+    if not isinstance(config, Config):
+        raise TypeError(f"config: expected a minimrcnn Config, got {type(config).__name__}")
+    if config.batch_size % (info.world_size * config.grad_accum_steps):
+        raise ValueError(f"config.batch_size={config.batch_size} must divide evenly over "
+                         f"{info.world_size} processes x {config.grad_accum_steps} accumulation steps")
+
+    if info.is_main:
+        paths = dataset_paths(train_images, train_annotations, val_images, val_annotations, data_root)
+    distrib.barrier()  # the shapes set exists once rank 0 is past this point
+    if not info.is_main:
+        paths = dataset_paths(train_images, train_annotations, val_images, val_annotations, data_root)
+    from minimrcnn.data import CocoInstances
+
+    train_dataset = CocoInstances(paths["train_images"], paths["train_annotations"])
+    val_dataset = CocoInstances(paths["val_images"], paths["val_annotations"]) \
+        if evaluate and paths["val_images"] is not None else None
+
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    random.seed(config.seed)
+    model = ckpt.build_model(config).to(device)
+    optimizer = build_optimizer(model, config)
+    scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" and device.type == "cuda" else None
+
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        start_iter, max_iter = saved["iteration"], saved["max_iter"]
+        warmup_iters = saved["scheduler"]["warmup_iters"]
+        train_seconds_before = saved["extra"].get("train_seconds", 0.0)
+        if scaler is not None and "grad_scaler" in saved["extra"]:
+            scaler.load_state_dict(saved["extra"]["grad_scaler"])
+        ckpt.restore_rng_states(saved["rng"])
+        budget_seconds = None  # the budget was spent choosing max_iter; keep that choice
+    else:
+        start_iter, train_seconds_before = 0, 0.0
+        max_iter = max_iter if max_iter is not None else config.max_iter
+        warmup_iters = stretch_warmup(config.warmup_iters, config.max_iter, max_iter)
+        budget_seconds = time_budget_minutes * 60.0 if time_budget_minutes is not None else None
+    if max_iter <= 0:
+        raise ValueError(f"max_iter: expected a positive number of iterations, got {max_iter}")
+    class_info = _class_info(train_dataset)
+
+    ddp_model = distrib.wrap_model(model, device)
+    model.train()
+    sampler = distrib.InfiniteBatchSampler(
+        len(train_dataset), config.batch_size, config.seed, info.rank, info.world_size,
+        config.grad_accum_steps, start_iteration=start_iter)
+    batches = iter(build_train_loader(train_dataset, config, sampler, device))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    autocast = autocast_for(config, device)
+
+    def save(path, iteration, with_optimizer=True):
+        extra = {"warmup_iters": warmup_iters, "train_seconds": train_seconds_before + loop_seconds(),
+                 **class_info}
+        if scaler is not None:
+            extra["grad_scaler"] = scaler.state_dict()
+        ckpt.save_checkpoint(path, model, optimizer if with_optimizer else None,
+                             {"max_iter": max_iter, "warmup_iters": warmup_iters}, iteration,
+                             extra=extra, config=config)
+
+    writer = MetricsWriter(out_dir / "metrics.jsonl", resume_from_iteration=start_iter if saved else None) \
+        if info.is_main else None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=max_iter, initial=start_iter, disable=not (progress and info.is_main),
+               desc="train", dynamic_ncols=True)
+    loss_names = None
+    window: list[torch.Tensor] = []
+    window_start = start_iter
+    planner = BudgetPlanner(budget_seconds, call_start, device, model, val_dataset) \
+        if budget_seconds is not None else None
+    loop_start = time.perf_counter()
+
+    def loop_seconds():
+        return time.perf_counter() - loop_start
+
+    iteration = start_iter
+    try:
+        while iteration < max_iter:
+            lr = config.base_lr * lr_factor(iteration, max_iter, warmup_iters, config.warmup_factor,
+                                            config.lr_schedule, config.lr_steps, config.lr_gamma)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            iteration_losses = None
+            for micro_step in range(config.grad_accum_steps):
+                images, targets = _to_device(*next(batches), device)
+                torch.manual_seed(distrib.mix_seed(
+                    config.seed, iteration, info.rank * config.grad_accum_steps + micro_step))
+                last_micro = micro_step == config.grad_accum_steps - 1
+                sync = contextlib.nullcontext() if last_micro or ddp_model is model else ddp_model.no_sync()
+                with sync:
+                    with autocast:
+                        try:
+                            losses = ddp_model(images, targets)
+                        except FloatingPointError as exc:  # the model's own check: add where
+                            raise FloatingPointError(f"iteration {iteration}: {exc}") from exc
+                    if loss_names is None:
+                        loss_names = [n for n in LOSS_NAMES if n in losses] + \
+                            sorted(n for n in losses if n not in LOSS_NAMES)
+                    stacked = torch.stack([losses[n].detach().float() for n in loss_names])
+                    total = sum(losses[n] for n in loss_names) / config.grad_accum_steps
+                    (scaler.scale(total) if scaler is not None else total).backward()
+                iteration_losses = stacked if iteration_losses is None else iteration_losses + stacked
+            iteration_losses = iteration_losses / config.grad_accum_steps
+            window.append(iteration_losses)
+            if device.type == "cpu":  # free on CPU: stop at the very iteration that failed
+                _raise_if_nonfinite(iteration_losses[None], iteration, loss_names)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            iteration += 1
+            bar.update(1)
+
+            plan = planner.after_iteration(iteration - start_iter, iteration) if planner else None
+            if plan is not None:
+                max_iter, is_first_plan = plan
+                if is_first_plan:  # the warm-up keeps its fraction; later plans leave it be
+                    warmup_iters = stretch_warmup(config.warmup_iters, config.max_iter, max_iter)
+                bar.total = max_iter
+                bar.refresh()
+            at_end = iteration >= max_iter
+            if iteration % LOG_PERIOD == 0 or at_end:
+                rows = torch.stack(window)
+                _raise_if_nonfinite(rows, window_start, loss_names)
+                means = rows.mean(dim=0).tolist()
+                record = {"iteration": iteration, "lr": lr, "time": round(loop_seconds(), 3),
+                          "loss": sum(means), **dict(zip(loss_names, means))}
+                if writer is not None:
+                    writer.write(record)
+                bar.set_postfix({n.removeprefix("loss_"): f"{v:.3f}" for n, v in zip(loss_names, means)},
+                                refresh=False)
+                window, window_start = [], iteration
+            if info.is_main and (iteration % config.checkpoint_period == 0 or at_end):
+                if window:  # never checkpoint weights that a NaN loss may already have touched
+                    _raise_if_nonfinite(torch.stack(window), window_start, loss_names)
+                save(last_path, iteration)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+
+    train_seconds = train_seconds_before + loop_seconds()
+    summary = {"config": config.name, "device": str(device), "world_size": info.world_size,
+               "iterations": max_iter, "train_seconds": round(train_seconds, 2)}
+    if info.is_main:
+        save(out_dir / "model_final.pth", iteration, with_optimizer=False)
+        plot_loss_curve(read_metrics(out_dir / "metrics.jsonl"), out_dir / "loss_curve.png",
+                        title=f"{config.name}: training losses")
+    if val_dataset is not None:
+        summary.update(evaluate_model(model, val_dataset, paths["val_annotations"], device,
+                                      batch_size=max(1, config.batch_size // info.world_size)))
+    if info.is_main:
+        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    distrib.barrier()
+    return summary
+
+
+class BudgetPlanner:
+    """Chooses ``max_iter`` so that the run, evaluation included, ends within a wall-clock budget.
+
+    Iterations ``CALIBRATION_SKIP`` .. ``CALIBRATION_SKIP + CALIBRATION_ITERS`` are timed
+    (the first ones fill caches), then a second, longer measurement at ``REPLAN_FRACTION``
+    of the run corrects for speed that changes as the model learns (more positive RoIs;
+    fewer detections to paste at evaluation). Each plan also times the prediction of a
+    few val images to reserve the evaluation's time. All processes take the slowest
+    measurement, so they agree on ``max_iter``.
+    """
+
+    def __init__(self, budget_seconds: float, call_start: float, device, model, val_dataset):
+        self.budget_seconds = budget_seconds
+        self.call_start = call_start
+        self.device = device
+        self.model = model
+        self.val_dataset = val_dataset
+        self.first_timed = CALIBRATION_SKIP
+        self.last_timed = CALIBRATION_SKIP + CALIBRATION_ITERS
+        self.replan_at = None
+        self.timer_start = None
+
+    def after_iteration(self, done: int, iteration: int) -> tuple[int, bool] | None:
+        """``(new max_iter, is_first_plan)`` after ``done`` iterations of this call, or None."""
+        if done == self.first_timed:
+            _synchronize(self.device)
+            self.timer_start = time.perf_counter()
+            return None
+        if done != self.last_timed and done != self.replan_at:
+            return None
+        _synchronize(self.device)
+        seconds_per_iter = (time.perf_counter() - self.timer_start) / (done - self.first_timed)
+        num_val = len(self.val_dataset) if self.val_dataset is not None else 0
+        eval_seconds = estimate_eval_seconds(self.model, self.val_dataset, self.device, num_val)
+        seconds_per_iter, eval_seconds = _slowest(seconds_per_iter, eval_seconds)
+        new_max = iterations_within_budget(iteration, time.perf_counter() - self.call_start,
+                                           seconds_per_iter, self.budget_seconds,
+                                           eval_seconds + FINAL_RESERVE_SECONDS)
+        is_first = done == self.last_timed
+        if is_first:
+            replan_at = round(REPLAN_FRACTION * new_max)
+            self.replan_at = replan_at if replan_at > self.last_timed else None
+        return new_max, is_first
+
+
+def _slowest(*values: float) -> tuple[float, ...]:
+    if not distrib.get_info().is_distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tuple(tensor.tolist())
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate_model(model, val_dataset, annotation_file, device, batch_size: int = 8,
+                   print_table: bool = True) -> dict:
+    """COCO bbox and segm AP of ``model`` on ``val_dataset``, each process predicting a shard.
+
+    Returns ``{"bbox": {...}, "segm": {...}}`` (AP as fractions) on every process.
+    """
+    from minimrcnn.evaluation.coco import evaluate_coco, format_ap_table, predictions_to_coco_results
+    from minimrcnn.evaluation.inference import predict_dataset
+
+    info = distrib.get_info()
+    model = ckpt.unwrap_model(model).eval()
+    shard = torch.utils.data.Subset(val_dataset, distrib.shard_indices(len(val_dataset), info.rank,
+                                                                       info.world_size))
+    predictions = predict_dataset(model, shard, device, batch_size)
+    image_ids = [image_id for image_id, _ in predictions]
+    results = predictions_to_coco_results([p for _, p in predictions], image_ids,
+                                          getattr(val_dataset, "category_ids", None))
+    gathered = distrib.all_gather_objects(results)
+    metrics = None
+    if info.is_main:
+        all_results = [r for part in gathered for r in part]
+        metrics = evaluate_coco(str(annotation_file), all_results)
+        if print_table:
+            print(format_ap_table(metrics))
+    return distrib.broadcast_object(metrics)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def train_from_args(args) -> dict:
+    """``python -m minimrcnn train ...`` (see ``minimrcnn/cli.py``)."""
+    config = None if args.resume and args.config is None else get_config(args.config)
+    try:
+        return train(config, args.out, train_images=args.train_images,
+                     train_annotations=args.train_annotations, val_images=args.val_images,
+                     val_annotations=args.val_annotations, data_root=args.data,
+                     time_budget_minutes=args.time_budget, resume=args.resume, device=args.device,
+                     max_iter=args.max_iter, evaluate=not args.no_eval)
+    finally:
+        distrib.cleanup_distributed()

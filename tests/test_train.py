@@ -1,0 +1,180 @@
+"""The training loop: seeded reproducibility, exact resume, NaN handling, outputs, time budgets."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from minimrcnn.config import get_config
+from minimrcnn.engine import checkpoint as ckpt
+from minimrcnn.engine import train as train_module
+from minimrcnn.engine.logging import LOSS_NAMES, read_metrics
+
+
+class StandInModel(torch.nn.Module):
+    """The MaskRCNN interface on a model small enough to train in milliseconds."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = torch.nn.GroupNorm(2, 4)
+        self.head = torch.nn.Linear(4, len(LOSS_NAMES))
+
+    def forward(self, images, targets):
+        pooled = torch.cat([self.norm(self.conv(image[None])).mean(dim=(2, 3)) for image in images])  # [N, 4]
+        outputs = self.head(pooled)  # [N, 5]
+        # Depends on the (flipped) boxes and on the model's own random sampling, as Mask R-CNN does.
+        goals = torch.stack([t["boxes"][:, 0].sum() / 100 + len(t["labels"]) for t in targets])  # [N]
+        weights = 1 + 0.1 * torch.rand(len(LOSS_NAMES))
+        losses = ((outputs - goals[:, None]) ** 2).mean(dim=0) * weights
+        return dict(zip(LOSS_NAMES, losses))
+
+    @torch.no_grad()
+    def predict(self, images):
+        predictions = []
+        for image in images:
+            height, width = image.shape[-2:]
+            score = torch.sigmoid(self.head.bias[0])
+            masks = torch.zeros(1, height, width, dtype=torch.bool)
+            masks[:, height // 4: height // 2, width // 4: width // 2] = True
+            predictions.append({"boxes": torch.tensor([[width / 4, height / 4, width / 2, height / 2]]),
+                                "labels": torch.tensor([1]), "scores": score.reshape(1),
+                                "masks": masks})
+        return predictions
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    monkeypatch.setattr(ckpt, "build_model", StandInModel)
+
+
+def tiny_config(**overrides):
+    values = dict(batch_size=4, max_iter=6, warmup_iters=2, base_lr=0.01, checkpoint_period=3,
+                  num_workers=0, grad_clip=1.0)
+    values.update(overrides)
+    return dataclasses.replace(get_config("shapes-cpu"), **values)
+
+
+def run(config, out_dir, shapes, **kwargs):
+    kwargs.setdefault("evaluate", False)
+    return train_module.train(config, out_dir, data_root=shapes, progress=False, **kwargs)
+
+
+def weights(path):
+    return ckpt.load_checkpoint(path)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path, tiny_shapes, stand_in):
+    config = tiny_config(max_iter=4)
+    run(config, tmp_path / "a", tiny_shapes)
+    run(config, tmp_path / "b", tiny_shapes)
+    run(dataclasses.replace(config, seed=1), tmp_path / "c", tiny_shapes)
+    a, b, c = (weights(tmp_path / name / "model_final.pth") for name in "abc")
+    assert_same_weights(a, b)
+    assert not torch.equal(a["head.weight"], c["head.weight"])
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_shapes, monkeypatch):
+    config = tiny_config(grad_accum_steps=2)
+    monkeypatch.setattr(ckpt, "build_model", StandInModel)
+    run(config, tmp_path / "whole", tiny_shapes)
+
+    calls = {"count": 0}
+
+    class InterruptedModel(StandInModel):
+        def forward(self, images, targets):
+            calls["count"] += 1
+            if calls["count"] == 9:  # iteration 4 (0-based), second micro-batch: after the checkpoint at 3
+                raise KeyboardInterrupt
+            return super().forward(images, targets)
+
+    monkeypatch.setattr(ckpt, "build_model", InterruptedModel)
+    with pytest.raises(KeyboardInterrupt):
+        run(config, tmp_path / "split", tiny_shapes)
+    assert ckpt.load_checkpoint(tmp_path / "split/last.pth")["iteration"] == 3
+    run(config, tmp_path / "split", tiny_shapes, resume=True)
+
+    whole = ckpt.load_checkpoint(tmp_path / "whole/last.pth")
+    split = ckpt.load_checkpoint(tmp_path / "split/last.pth")
+    assert split["iteration"] == whole["iteration"] == 6
+    assert_same_weights(whole["model"], split["model"])
+    momentum = [s["momentum_buffer"] for s in whole["optimizer"]["state"].values()]
+    assert all(torch.equal(m, s["momentum_buffer"])
+               for m, s in zip(momentum, split["optimizer"]["state"].values()))
+    # The metrics file holds one history: the lines after the checkpoint were rewritten, not doubled.
+    iterations = [r["iteration"] for r in read_metrics(tmp_path / "split/metrics.jsonl")]
+    assert iterations == sorted(set(iterations)) == [6]
+
+
+def test_resume_with_another_config_is_refused(tmp_path, tiny_shapes, stand_in):
+    run(tiny_config(max_iter=3), tmp_path, tiny_shapes)
+    with pytest.raises(ValueError, match=r"differing fields: \['base_lr'\]"):
+        run(tiny_config(max_iter=3, base_lr=0.5), tmp_path, tiny_shapes, resume=True)
+
+
+def test_non_finite_loss_names_loss_and_iteration(tmp_path, tiny_shapes, monkeypatch):
+    class ExplodingModel(StandInModel):
+        calls = 0
+
+        def forward(self, images, targets):
+            losses = super().forward(images, targets)
+            ExplodingModel.calls += 1
+            if ExplodingModel.calls == 5:  # iteration 4, after the checkpoint at 3
+                losses["loss_box"] = losses["loss_box"] * float("nan")
+            return losses
+
+    monkeypatch.setattr(ckpt, "build_model", ExplodingModel)
+    with pytest.raises(FloatingPointError, match="loss_box is nan at iteration 4"):
+        run(tiny_config(), tmp_path, tiny_shapes)
+    saved = ckpt.load_checkpoint(tmp_path / "last.pth")
+    assert saved["iteration"] == 3
+    assert all(torch.isfinite(value).all() for value in saved["model"].values())
+    assert not (tmp_path / "model_final.pth").exists()
+
+
+def test_outputs_and_evaluation(tmp_path, tiny_shapes, stand_in, capsys):
+    summary = run(tiny_config(max_iter=3), tmp_path, tiny_shapes, evaluate=True)
+    table = capsys.readouterr().out
+    assert "segm" in table and "AP50" in table
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written == summary
+    assert written["iterations"] == 3 and written["device"] == "cpu" and written["config"] == "shapes-cpu"
+    for iou_type in ("bbox", "segm"):
+        assert set(written[iou_type]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+        assert all(-1 <= value <= 1 for value in written[iou_type].values())
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["iteration"] for r in records] == [3]
+    assert set(LOSS_NAMES) | {"iteration", "lr", "time", "loss"} == set(records[0])
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    final = ckpt.load_checkpoint(tmp_path / "model_final.pth")
+    assert "optimizer" not in final
+    assert final["extra"]["class_names"][1:] == ["square", "circle", "triangle", "hexagon"]
+
+
+def test_time_budget_sets_and_stores_max_iter(tmp_path, tiny_shapes, monkeypatch):
+    class SlowModel(StandInModel):
+        def forward(self, images, targets):
+            torch.ones(1).add_(1)  # stand-in for work
+            import time
+
+            time.sleep(0.02)
+            return super().forward(images, targets)
+
+    monkeypatch.setattr(ckpt, "build_model", SlowModel)
+    monkeypatch.setattr(train_module, "FINAL_RESERVE_SECONDS", 0.0)
+    config = tiny_config(max_iter=1000, warmup_iters=100)
+    summary = run(config, tmp_path, tiny_shapes, time_budget_minutes=0.04)  # 2.4 s
+    saved = ckpt.load_checkpoint(tmp_path / "last.pth")
+    # The speed (about 0.02 s per iteration) allows far fewer than the config's 1000 iterations.
+    assert train_module.CALIBRATION_SKIP + train_module.CALIBRATION_ITERS <= summary["iterations"] < 1000
+    assert saved["max_iter"] == saved["iteration"] == summary["iterations"]
+    # The warm-up shrank with the run: 100 of 1000 iterations became about a tenth of the run.
+    assert 1 <= saved["scheduler"]["warmup_iters"] < 100
