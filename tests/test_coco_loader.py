@@ -258,3 +258,14 @@ def test_short_polygons_enclose_nothing(tmp_path):
         dataset = CocoInstances(image_dir, annotation_file)
     _, target = dataset[0]
     assert target["masks"][0].sum() == 0 and target["masks"][1].sum() == RLE_MASK.sum()
+
+
+def test_grayscale_images_become_rgb(tmp_path):
+    content = hand_made_coco()
+    content["annotations"] = []
+    image_dir, annotation_file = write_dataset(tmp_path, content)
+    gray = np.arange(HEIGHT * WIDTH, dtype=np.uint8).reshape(HEIGHT, WIDTH)
+    Image.fromarray(gray, mode="L").save(image_dir / "a.png")  # real COCO has a few grayscale images
+    image, target = CocoInstances(image_dir, annotation_file)[0]
+    assert image.shape == (3, HEIGHT, WIDTH)
+    assert torch.equal(image[0], image[2]) and torch.allclose(image[1], torch.from_numpy(gray) / 255)
