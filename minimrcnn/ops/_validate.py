@@ -95,3 +95,16 @@ def resolve_backend(backend, features):
     if backend in ("reference", "numba") and features.is_cuda:
         raise ValueError(f"backend {backend!r} runs on CPU tensors, but features are on {features.device}")
     return backend
+
+
+def check_cuda_backend(device):
+    """The "cuda" backend needs CUDA tensors, or CPU tensors under the CUDA simulator."""
+    if device.type == "cuda":
+        return
+    import numba
+
+    if not numba.config.ENABLE_CUDASIM:
+        raise ValueError(
+            f"backend 'cuda' needs CUDA tensors (features are on {device}); on CPU tensors it runs "
+            "only under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1 set before numba is imported)"
+        )

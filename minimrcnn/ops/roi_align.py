@@ -19,12 +19,16 @@ The file reads top to bottom: NumPy reference (the spec) -> backends -> dispatch
 
 import math
 
+import numba
 import numpy as np
 import torch
+from numba import cuda
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from minimrcnn.ops._numba import cuda_launch  # first: sets Numba's threading layer and cache dir
 from minimrcnn.ops._validate import (
+    check_cuda_backend,
     check_features_and_rois,
     check_spatial_scale,
     output_size_pair,
@@ -126,9 +130,321 @@ def roi_align_backward_reference(
 
 
 # ---------------------------------------------------------------------------
-# 2. Backends: each is a pair forward(features, rois, params) -> output and
+# 2. Helpers shared by the CPU and CUDA kernels: plain Python functions,
+#    compiled once with numba.njit and once as CUDA device functions.
+# ---------------------------------------------------------------------------
+
+
+def roi_geometry(roi_x1, roi_y1, roi_x2, roi_y2, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned):
+    """-> (start_y, start_x, bin_h, bin_w, grid_h, grid_w, count) of one RoI on the feature map."""
+    offset = 0.5 if aligned else 0.0
+    start_x = roi_x1 * spatial_scale - offset
+    start_y = roi_y1 * spatial_scale - offset
+    roi_w = roi_x2 * spatial_scale - offset - start_x
+    roi_h = roi_y2 * spatial_scale - offset - start_y
+    if not aligned:
+        roi_w = max(roi_w, 1.0)
+        roi_h = max(roi_h, 1.0)
+    grid_h = sampling_ratio if sampling_ratio > 0 else int(math.ceil(roi_h / pooled_h))
+    grid_w = sampling_ratio if sampling_ratio > 0 else int(math.ceil(roi_w / pooled_w))
+    count = max(grid_h * grid_w, 1)
+    return start_y, start_x, roi_h / pooled_h, roi_w / pooled_w, grid_h, grid_w, count
+
+
+def linear_interpolation_1d(coord, size):
+    """Where a sample at `coord` reads along one axis of length `size`: (low, high, w_low, w_high).
+
+    Bilinear interpolation is the product of one such 1-D interpolation along y
+    and one along x, so the four taps' weights are w_y * w_x. Outside [-1, size]
+    both weights are 0, which makes the whole sample contribute 0.
+    """
+    if not (coord >= -1.0 and coord <= size):  # negated so that NaN lands here
+        return 0, 0, 0.0, 0.0
+    if coord < 0.0:
+        coord = 0.0
+    low = int(coord)
+    if low >= size - 1:
+        return size - 1, size - 1, 1.0, 0.0
+    frac = coord - low
+    return low, low + 1, 1.0 - frac, frac
+
+
+_roi_geometry_cpu = numba.njit(cache=True)(roi_geometry)
+_interp_cpu = numba.njit(cache=True)(linear_interpolation_1d)
+_roi_geometry_cuda = cuda.jit(device=True)(roi_geometry)
+_interp_cuda = cuda.jit(device=True)(linear_interpolation_1d)
+
+# ---------------------------------------------------------------------------
+# 3. Numba CPU kernels. Features are read channels-last ([N, H, W, C]) so that
+#    the innermost loop runs over contiguous channels (SIMD), while the
+#    interpolation tables are computed once per RoI and shared by all channels.
+# ---------------------------------------------------------------------------
+
+CHANNEL_BLOCK = 64  # channels per task: enough for SIMD, small enough to balance threads
+
+
+@numba.njit(cache=True)
+def _axis_tables(start, bin_size, grid, pooled, size, dtype_like):
+    """Taps of every sample along one axis: low[p * grid + i], high, w_low, w_high."""
+    num = max(pooled * grid, 0)
+    low = np.empty(num, np.int64)
+    high = np.empty(num, np.int64)
+    w_low = np.empty(num, dtype_like.dtype)
+    w_high = np.empty(num, dtype_like.dtype)
+    for p in range(pooled):
+        for i in range(grid):
+            coord = start + p * bin_size + (i + 0.5) * bin_size / grid
+            j = p * grid + i
+            low[j], high[j], w_low[j], w_high[j] = _interp_cpu(coord, size)
+    return low, high, w_low, w_high
+
+
+# Only 'contract' (fused multiply-add) of the fast-math flags: as exact as plain
+# arithmetic and faster; NaN/inf handling and summation order are untouched.
+_FAST = {"contract"}
+# Unsigned indices: Numba wraps negative signed indices around (a[-1]), and that
+# check turns the contiguous inner loop into slow gathers.
+_unsigned = np.uint64
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_FAST)
+def _forward_cpu(features_nhwc, rois, rois_by_image, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned,
+                 output):
+    """features_nhwc: [N, H, W, C] contiguous; rois: [K, 5] float64; output: [K, C, ph, pw] (written).
+
+    Tasks run channel block by channel block, and within a block image by image
+    (rois_by_image), so that consecutive tasks of a thread read the same slab
+    of the feature map ([H, W, block] of one image: 1 MB for 64x64x64 floats),
+    which stays in cache.
+    """
+    num_rois = rois.shape[0]
+    height, width, channels = features_nhwc.shape[1], features_nhwc.shape[2], features_nhwc.shape[3]
+    flat = features_nhwc.reshape(-1)  # flat indices keep the inner loop free of slicing overhead
+    num_blocks = (channels + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+    for task in numba.prange(num_rois * num_blocks):  # task = (channel block, RoI)
+        k, c0 = rois_by_image[task % num_rois], (task // num_rois) * CHANNEL_BLOCK
+        block = min(c0 + CHANNEL_BLOCK, channels) - c0
+        b = int(rois[k, 0])
+        start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry_cpu(
+            rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
+        )
+        y_low, y_high, wy_low, wy_high = _axis_tables(start_y, bin_h, grid_h, pooled_h, height, output)
+        x_low, x_high, wx_low, wx_high = _axis_tables(start_x, bin_w, grid_w, pooled_w, width, output)
+        bins = np.zeros((pooled_h * pooled_w, block), output.dtype)  # [ph*pw, block]
+        for py in range(pooled_h):
+            for px in range(pooled_w):
+                acc = bins[py * pooled_w + px]
+                for iy in range(py * grid_h, (py + 1) * grid_h):
+                    row_low = (b * height + y_low[iy]) * width
+                    row_high = (b * height + y_high[iy]) * width
+                    for ix in range(px * grid_w, (px + 1) * grid_w):
+                        w_ll, w_lh = wy_low[iy] * wx_low[ix], wy_low[iy] * wx_high[ix]
+                        w_hl, w_hh = wy_high[iy] * wx_low[ix], wy_high[iy] * wx_high[ix]
+                        i_ll = _unsigned((row_low + x_low[ix]) * channels + c0)
+                        i_lh = _unsigned((row_low + x_high[ix]) * channels + c0)
+                        i_hl = _unsigned((row_high + x_low[ix]) * channels + c0)
+                        i_hh = _unsigned((row_high + x_high[ix]) * channels + c0)
+                        for c in range(_unsigned(block)):
+                            acc[c] += (
+                                w_ll * flat[i_ll + c] + w_lh * flat[i_lh + c] + w_hl * flat[i_hl + c] + w_hh * flat[i_hh + c]
+                            )
+        # [ph*pw, block] -> output[k, c0:c0+block] ([block, ph, pw]), through flat unsigned indices
+        num_bins = _unsigned(pooled_h * pooled_w)
+        bins_flat, out_flat = bins.reshape(-1), output.reshape(-1)
+        first = _unsigned(k * channels + c0) * num_bins
+        for c in range(_unsigned(block)):
+            for j in range(num_bins):
+                out_flat[first + c * num_bins + j] = bins_flat[j * _unsigned(block) + c] / count
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_FAST)
+def _backward_cpu(
+    grad_output, rois, rois_by_image, image_offsets, spatial_scale, sampling_ratio, aligned, block, grad_nhwc
+):
+    """grad_output: [K, C, ph, pw] contiguous; grad_nhwc: [N, H, W, C] zeros (accumulated into).
+
+    Race-free: a task owns one (image, channel block) slice of grad_nhwc and
+    visits that image's RoIs one after the other (rois_by_image[image_offsets[n]:
+    image_offsets[n + 1]]), so no two threads ever add to the same cell, and
+    the result does not depend on the thread count.
+    """
+    num_images, height, width, channels = grad_nhwc.shape
+    pooled_h, pooled_w = grad_output.shape[2], grad_output.shape[3]
+    flat, grad_flat = grad_nhwc.reshape(-1), grad_output.reshape(-1)
+    num_bins = _unsigned(pooled_h * pooled_w)
+    num_blocks = (channels + block - 1) // block
+    for task in numba.prange(num_images * num_blocks):
+        n, c0 = task // num_blocks, (task % num_blocks) * block
+        width_c = min(c0 + block, channels) - c0
+        grad_bins = np.empty((pooled_h * pooled_w, width_c), grad_nhwc.dtype)
+        grad_bins_flat = grad_bins.reshape(-1)
+        for r in range(image_offsets[n], image_offsets[n + 1]):
+            k = rois_by_image[r]
+            start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry_cpu(
+                rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], pooled_h, pooled_w, spatial_scale, sampling_ratio,
+                aligned,
+            )
+            y_low, y_high, wy_low, wy_high = _axis_tables(start_y, bin_h, grid_h, pooled_h, height, grad_nhwc)
+            x_low, x_high, wx_low, wx_high = _axis_tables(start_x, bin_w, grid_w, pooled_w, width, grad_nhwc)
+            # gather this RoI's gradient channels-last, divided by count, through flat unsigned indices
+            first = _unsigned(k * channels + c0) * num_bins
+            for c in range(_unsigned(width_c)):
+                for j in range(num_bins):
+                    grad_bins_flat[j * _unsigned(width_c) + c] = grad_flat[first + c * num_bins + j] / count
+            for py in range(pooled_h):
+                for px in range(pooled_w):
+                    grad = grad_bins[py * pooled_w + px]
+                    for iy in range(py * grid_h, (py + 1) * grid_h):
+                        row_low = (n * height + y_low[iy]) * width
+                        row_high = (n * height + y_high[iy]) * width
+                        for ix in range(px * grid_w, (px + 1) * grid_w):
+                            w_ll, w_lh = wy_low[iy] * wx_low[ix], wy_low[iy] * wx_high[ix]
+                            w_hl, w_hh = wy_high[iy] * wx_low[ix], wy_high[iy] * wx_high[ix]
+                            i_ll = _unsigned((row_low + x_low[ix]) * channels + c0)
+                            i_lh = _unsigned((row_low + x_high[ix]) * channels + c0)
+                            i_hl = _unsigned((row_high + x_low[ix]) * channels + c0)
+                            i_hh = _unsigned((row_high + x_high[ix]) * channels + c0)
+                            for c in range(_unsigned(width_c)):
+                                flat[i_ll + c] += w_ll * grad[c]
+                                flat[i_lh + c] += w_lh * grad[c]
+                                flat[i_hl + c] += w_hl * grad[c]
+                                flat[i_hh + c] += w_hh * grad[c]
+
+
+def _numba_forward(features, rois, params):
+    (pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned = params
+    num_rois, channels = rois.shape[0], features.shape[1]
+    output = torch.empty((num_rois, channels, pooled_h, pooled_w), dtype=features.dtype)
+    if num_rois == 0 or channels == 0:
+        return output
+    features_nhwc = features.detach().permute(0, 2, 3, 1)
+    if not features_nhwc.is_contiguous():  # free when features are already channels_last
+        features_nhwc = features_nhwc.contiguous()
+    rois64 = rois.detach().numpy().astype(np.float64)
+    rois_by_image, _ = _image_order(rois64, features.shape[0])
+    _forward_cpu(
+        features_nhwc.numpy(), rois64, rois_by_image, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned,
+        output.numpy(),
+    )
+    return output
+
+
+def _image_order(rois64, num_images):
+    """RoI indices grouped by image (stable) and the offsets of each image's group."""
+    batch_index = rois64[:, 0].astype(np.int64)
+    rois_by_image = np.argsort(batch_index, kind="stable")
+    image_offsets = np.searchsorted(batch_index[rois_by_image], np.arange(num_images + 1))
+    return rois_by_image, image_offsets.astype(np.int64)
+
+
+def _numba_backward(grad_output, rois, feature_shape, params):
+    _, spatial_scale, sampling_ratio, aligned = params
+    num_images, channels, height, width = feature_shape
+    # Returned as a channels_last tensor: the right shape, and autograd accepts any strides.
+    grad_nhwc = torch.zeros((num_images, height, width, channels), dtype=grad_output.dtype)
+    if rois.shape[0] > 0 and channels > 0:
+        rois64 = rois.detach().numpy().astype(np.float64)
+        rois_by_image, image_offsets = _image_order(rois64, num_images)
+        threads = numba.get_num_threads()
+        # enough (image, block) tasks to keep every thread busy, blocks of 8..64 channels
+        block = min(CHANNEL_BLOCK, max(8, -(-channels * num_images // (2 * threads))))
+        grad = grad_output.detach().contiguous().numpy()
+        _backward_cpu(
+            grad, rois64, rois_by_image, image_offsets, spatial_scale, sampling_ratio, aligned, block,
+            grad_nhwc.numpy(),
+        )
+    return grad_nhwc.permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------------------
+# 4. CUDA kernels (numba.cuda): one thread per output cell; the backward adds
+#    with atomics, as several RoIs may read the same pixel. Under
+#    NUMBA_ENABLE_CUDASIM=1 the same kernels run, slowly, on CPU arrays.
+# ---------------------------------------------------------------------------
+
+@cuda.jit
+def _forward_cuda(features, rois, spatial_scale, sampling_ratio, aligned, output):
+    """features: [N, C, H, W]; rois: [K, 5]; output: [K, C, ph, pw] (written)."""
+    num_rois, channels, pooled_h, pooled_w = output.shape
+    height, width = features.shape[2], features.shape[3]
+    for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
+        px = index % pooled_w
+        py = (index // pooled_w) % pooled_h
+        c = (index // (pooled_w * pooled_h)) % channels
+        k = index // (pooled_w * pooled_h * channels)
+        b = int(rois[k, 0])
+        start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry_cuda(
+            rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
+        )
+        total = 0.0
+        for iy in range(grid_h):
+            y_low, y_high, wy_low, wy_high = _interp_cuda(start_y + py * bin_h + (iy + 0.5) * bin_h / grid_h, height)
+            for ix in range(grid_w):
+                x_low, x_high, wx_low, wx_high = _interp_cuda(
+                    start_x + px * bin_w + (ix + 0.5) * bin_w / grid_w, width
+                )
+                total += (
+                    wy_low * (wx_low * features[b, c, y_low, x_low] + wx_high * features[b, c, y_low, x_high])
+                    + wy_high * (wx_low * features[b, c, y_high, x_low] + wx_high * features[b, c, y_high, x_high])
+                )
+        output[k, c, py, px] = total / count
+
+
+@cuda.jit
+def _backward_cuda(grad_output, rois, spatial_scale, sampling_ratio, aligned, grad_features):
+    """grad_output: [K, C, ph, pw]; grad_features: [N, C, H, W] zeros (atomically accumulated into)."""
+    num_rois, channels, pooled_h, pooled_w = grad_output.shape
+    height, width = grad_features.shape[2], grad_features.shape[3]
+    for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
+        px = index % pooled_w
+        py = (index // pooled_w) % pooled_h
+        c = (index // (pooled_w * pooled_h)) % channels
+        k = index // (pooled_w * pooled_h * channels)
+        b = int(rois[k, 0])
+        start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry_cuda(
+            rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
+        )
+        grad = grad_output[k, c, py, px] / count
+        for iy in range(grid_h):
+            y_low, y_high, wy_low, wy_high = _interp_cuda(start_y + py * bin_h + (iy + 0.5) * bin_h / grid_h, height)
+            for ix in range(grid_w):
+                x_low, x_high, wx_low, wx_high = _interp_cuda(
+                    start_x + px * bin_w + (ix + 0.5) * bin_w / grid_w, width
+                )
+                if wy_low * wx_low + wy_low * wx_high + wy_high * wx_low + wy_high * wx_high == 0.0:
+                    continue  # sample outside the map
+                cuda.atomic.add(grad_features, (b, c, y_low, x_low), grad * wy_low * wx_low)
+                cuda.atomic.add(grad_features, (b, c, y_low, x_high), grad * wy_low * wx_high)
+                cuda.atomic.add(grad_features, (b, c, y_high, x_low), grad * wy_high * wx_low)
+                cuda.atomic.add(grad_features, (b, c, y_high, x_high), grad * wy_high * wx_high)
+
+
+def _cuda_forward(features, rois, params):
+    (pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned = params
+    output = torch.empty((rois.shape[0], features.shape[1], pooled_h, pooled_w), dtype=features.dtype,
+                         device=features.device)
+    if output.numel() > 0:
+        scalars = (spatial_scale, sampling_ratio, aligned)
+        cuda_launch(_forward_cuda, output.numel(), (features.detach(), rois.detach()), scalars, (output,),
+                    features.device)
+    return output
+
+
+def _cuda_backward(grad_output, rois, feature_shape, params):
+    _, spatial_scale, sampling_ratio, aligned = params
+    grad_features = torch.zeros(feature_shape, dtype=grad_output.dtype, device=grad_output.device)
+    if grad_output.numel() > 0:
+        scalars = (spatial_scale, sampling_ratio, aligned)
+        cuda_launch(_backward_cuda, grad_output.numel(), (grad_output.detach(), rois.detach()), scalars,
+                    (grad_features,), grad_output.device)
+    return grad_features
+
+
+# ---------------------------------------------------------------------------
+# 5. Dispatch: backend name -> (forward, backward), where
+#    forward(features, rois, params) -> output and
 #    backward(grad_output, rois, feature_shape, params) -> grad_features,
-#    where params = (output_size, spatial_scale, sampling_ratio, aligned).
+#    with params = (output_size, spatial_scale, sampling_ratio, aligned).
 # ---------------------------------------------------------------------------
 
 
@@ -144,12 +460,13 @@ def _reference_backward(grad_output, rois, feature_shape, params):
 
 _BACKENDS = {
     "reference": (_reference_forward, _reference_backward),
-    "numba": (_reference_forward, _reference_backward),  # TEMPORARY until the kernels land
+    "numba": (_numba_forward, _numba_backward),
+    "cuda": (_cuda_forward, _cuda_backward),
 }
 
 
 # ---------------------------------------------------------------------------
-# 3. Autograd function and public API.
+# 6. Autograd function and public API.
 # ---------------------------------------------------------------------------
 
 
@@ -188,6 +505,8 @@ def roi_align(features, rois, output_size, spatial_scale=1.0, sampling_ratio=-1,
         raise TypeError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
     check_features_and_rois(features, rois)
     backend = resolve_backend(backend, features)
+    if backend == "cuda":
+        check_cuda_backend(features.device)
     params = (pooled, spatial_scale, int(sampling_ratio), bool(aligned))
     return _RoIAlignFunction.apply(features, rois, params, backend)
 

@@ -19,12 +19,16 @@ The file reads top to bottom: NumPy reference (the spec) -> backends -> dispatch
 
 import math
 
+import numba
 import numpy as np
 import torch
+from numba import cuda
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from minimrcnn.ops._numba import cuda_launch  # first: sets Numba's threading layer and cache dir
 from minimrcnn.ops._validate import (
+    check_cuda_backend,
     check_features_and_rois,
     check_spatial_scale,
     output_size_pair,
@@ -107,7 +111,175 @@ def roi_pool_backward_reference(grad_output, rois, argmax, feature_shape):
 
 
 # ---------------------------------------------------------------------------
-# 2. Backends: forward(features, rois, params) -> (output, argmax) and
+# 2. Helpers shared by the CPU and CUDA kernels (plain Python, compiled twice).
+# ---------------------------------------------------------------------------
+
+
+def quantize_roi_axis(coord_start, coord_end, spatial_scale):
+    """RoI corners along one axis -> (first pixel, size in pixels), both rounded (C's round)."""
+    scaled_start = coord_start * spatial_scale
+    scaled_end = coord_end * spatial_scale
+    first = math.floor(scaled_start + 0.5) if scaled_start >= 0 else -math.floor(-scaled_start + 0.5)
+    last = math.floor(scaled_end + 0.5) if scaled_end >= 0 else -math.floor(-scaled_end + 0.5)
+    return int(first), max(int(last) - int(first) + 1, 1)
+
+
+def bin_range(p, roi_first, roi_size, pooled, limit):
+    """Pixels [lo, hi) of bin p of a quantized RoI along one axis, clipped to [0, limit]."""
+    bin_size = roi_size / pooled
+    lo = min(max(int(math.floor(p * bin_size)) + roi_first, 0), limit)
+    hi = min(max(int(math.ceil((p + 1) * bin_size)) + roi_first, 0), limit)
+    return lo, hi
+
+
+_quantize_cpu = numba.njit(cache=True)(quantize_roi_axis)
+_bin_range_cpu = numba.njit(cache=True)(bin_range)
+_quantize_cuda = cuda.jit(device=True)(quantize_roi_axis)
+_bin_range_cuda = cuda.jit(device=True)(bin_range)
+
+# ---------------------------------------------------------------------------
+# 3. Numba CPU kernels on [N, C, H, W] (a bin scans whole rows of one channel).
+# ---------------------------------------------------------------------------
+
+CHANNEL_BLOCK = 16  # channels per task; bin bounds are computed once per task
+
+
+@numba.njit(parallel=True, cache=True)
+def _forward_cpu(features, rois, spatial_scale, output, argmax):
+    """features: [N, C, H, W]; rois: [K, 5] float64; output, argmax: [K, C, ph, pw] (written)."""
+    channels, height, width = features.shape[1], features.shape[2], features.shape[3]
+    pooled_h, pooled_w = output.shape[2], output.shape[3]
+    num_blocks = (channels + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+    for task in numba.prange(rois.shape[0] * num_blocks):  # task = (RoI, channel block)
+        k, c0 = task // num_blocks, (task % num_blocks) * CHANNEL_BLOCK
+        b = int(rois[k, 0])
+        first_x, size_x = _quantize_cpu(rois[k, 1], rois[k, 3], spatial_scale)
+        first_y, size_y = _quantize_cpu(rois[k, 2], rois[k, 4], spatial_scale)
+        rows = np.empty((pooled_h, 2), np.int64)
+        cols = np.empty((pooled_w, 2), np.int64)
+        for py in range(pooled_h):
+            rows[py, 0], rows[py, 1] = _bin_range_cpu(py, first_y, size_y, pooled_h, height)
+        for px in range(pooled_w):
+            cols[px, 0], cols[px, 1] = _bin_range_cpu(px, first_x, size_x, pooled_w, width)
+        for c in range(c0, min(c0 + CHANNEL_BLOCK, channels)):
+            plane = features[b, c]
+            for py in range(pooled_h):
+                for px in range(pooled_w):
+                    if rows[py, 1] <= rows[py, 0] or cols[px, 1] <= cols[px, 0]:
+                        output[k, c, py, px] = 0.0
+                        argmax[k, c, py, px] = NO_ARGMAX
+                        continue
+                    best, best_index = -FLT_MAX, NO_ARGMAX
+                    for row in range(rows[py, 0], rows[py, 1]):
+                        for col in range(cols[px, 0], cols[px, 1]):
+                            if plane[row, col] > best:  # strict: the first maximum wins ties
+                                best, best_index = plane[row, col], row * width + col
+                    output[k, c, py, px] = best
+                    argmax[k, c, py, px] = best_index
+
+
+@numba.njit(parallel=True, cache=True)
+def _backward_cpu(grad_output, rois, argmax, grad_features):
+    """Race-free: a task owns one channel of grad_features and visits every RoI for it."""
+    num_rois, channels, pooled_h, pooled_w = grad_output.shape
+    width = grad_features.shape[3]
+    for c in numba.prange(channels):
+        for k in range(num_rois):
+            plane = grad_features[int(rois[k, 0]), c]
+            for py in range(pooled_h):
+                for px in range(pooled_w):
+                    index = argmax[k, c, py, px]
+                    if index != NO_ARGMAX:
+                        plane[index // width, index % width] += grad_output[k, c, py, px]
+
+
+def _numba_forward(features, rois, params):
+    (pooled_h, pooled_w), spatial_scale = params
+    shape = (rois.shape[0], features.shape[1], pooled_h, pooled_w)
+    output = torch.empty(shape, dtype=features.dtype)
+    argmax = torch.empty(shape, dtype=torch.int64)
+    if output.numel() > 0:
+        rois64 = rois.detach().numpy().astype(np.float64)
+        _forward_cpu(features.detach().contiguous().numpy(), rois64, spatial_scale, output.numpy(), argmax.numpy())
+    return output, argmax
+
+
+def _numba_backward(grad_output, rois, argmax, feature_shape):
+    grad_features = torch.zeros(feature_shape, dtype=grad_output.dtype)
+    if grad_output.numel() > 0:
+        rois64 = rois.detach().numpy().astype(np.float64)
+        _backward_cpu(grad_output.detach().contiguous().numpy(), rois64, argmax.numpy(), grad_features.numpy())
+    return grad_features
+
+
+# ---------------------------------------------------------------------------
+# 4. CUDA kernels (numba.cuda): one thread per output cell; atomics in backward.
+# ---------------------------------------------------------------------------
+
+
+@cuda.jit
+def _forward_cuda(features, rois, spatial_scale, output, argmax):
+    num_rois, channels, pooled_h, pooled_w = output.shape
+    height, width = features.shape[2], features.shape[3]
+    for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
+        px = index % pooled_w
+        py = (index // pooled_w) % pooled_h
+        c = (index // (pooled_w * pooled_h)) % channels
+        k = index // (pooled_w * pooled_h * channels)
+        b = int(rois[k, 0])
+        first_x, size_x = _quantize_cuda(rois[k, 1], rois[k, 3], spatial_scale)
+        first_y, size_y = _quantize_cuda(rois[k, 2], rois[k, 4], spatial_scale)
+        row_lo, row_hi = _bin_range_cuda(py, first_y, size_y, pooled_h, height)
+        col_lo, col_hi = _bin_range_cuda(px, first_x, size_x, pooled_w, width)
+        if row_hi <= row_lo or col_hi <= col_lo:
+            output[k, c, py, px] = 0.0
+            argmax[k, c, py, px] = NO_ARGMAX
+            continue
+        best, best_index = -FLT_MAX, NO_ARGMAX
+        for row in range(row_lo, row_hi):
+            for col in range(col_lo, col_hi):
+                if features[b, c, row, col] > best:
+                    best, best_index = features[b, c, row, col], row * width + col
+        output[k, c, py, px] = best
+        argmax[k, c, py, px] = best_index
+
+
+@cuda.jit
+def _backward_cuda(grad_output, rois, argmax, grad_features):
+    num_rois, channels, pooled_h, pooled_w = grad_output.shape
+    width = grad_features.shape[3]
+    for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
+        px = index % pooled_w
+        py = (index // pooled_w) % pooled_h
+        c = (index // (pooled_w * pooled_h)) % channels
+        k = index // (pooled_w * pooled_h * channels)
+        pixel = argmax[k, c, py, px]
+        if pixel != NO_ARGMAX:
+            row, col = pixel // width, pixel % width
+            cuda.atomic.add(grad_features, (int(rois[k, 0]), c, row, col), grad_output[k, c, py, px])
+
+
+def _cuda_forward(features, rois, params):
+    (pooled_h, pooled_w), spatial_scale = params
+    shape = (rois.shape[0], features.shape[1], pooled_h, pooled_w)
+    output = torch.empty(shape, dtype=features.dtype, device=features.device)
+    argmax = torch.empty(shape, dtype=torch.int64, device=features.device)
+    if output.numel() > 0:
+        cuda_launch(_forward_cuda, output.numel(), (features.detach(), rois.detach()), (spatial_scale,),
+                    (output, argmax), features.device)
+    return output, argmax
+
+
+def _cuda_backward(grad_output, rois, argmax, feature_shape):
+    grad_features = torch.zeros(feature_shape, dtype=grad_output.dtype, device=grad_output.device)
+    if grad_output.numel() > 0:
+        cuda_launch(_backward_cuda, grad_output.numel(), (grad_output.detach(), rois.detach(), argmax), (),
+                    (grad_features,), grad_output.device)
+    return grad_features
+
+
+# ---------------------------------------------------------------------------
+# 5. Dispatch: forward(features, rois, params) -> (output, argmax) and
 #    backward(grad_output, rois, argmax, feature_shape) -> grad_features,
 #    where params = (output_size, spatial_scale).
 # ---------------------------------------------------------------------------
@@ -127,12 +299,13 @@ def _reference_backward(grad_output, rois, argmax, feature_shape):
 
 _BACKENDS = {
     "reference": (_reference_forward, _reference_backward),
-    "numba": (_reference_forward, _reference_backward),  # TEMPORARY until the kernels land
+    "numba": (_numba_forward, _numba_backward),
+    "cuda": (_cuda_forward, _cuda_backward),
 }
 
 
 # ---------------------------------------------------------------------------
-# 3. Autograd function and public API.
+# 6. Autograd function and public API.
 # ---------------------------------------------------------------------------
 
 
@@ -169,6 +342,8 @@ def roi_pool(features, rois, output_size, spatial_scale=1.0, backend="auto", ret
     spatial_scale = check_spatial_scale(spatial_scale)
     check_features_and_rois(features, rois)
     backend = resolve_backend(backend, features)
+    if backend == "cuda":
+        check_cuda_backend(features.device)
     output, argmax = _RoIPoolFunction.apply(features, rois, (pooled, spatial_scale), backend)
     return (output, argmax) if return_argmax else output
 

@@ -1,0 +1,105 @@
+"""Numba set-up; imported by the kernel modules before any kernel is compiled.
+
+Two defaults of Numba break ordinary use of this package, so we change them,
+unless the user chose otherwise through Numba's own environment variables:
+
+1. Threading layer. Numba's default picks OpenMP when it can. A process that ran
+   a GNU-OpenMP parallel region and then fork()s (what a DataLoader with
+   num_workers > 0 does) gets its children killed as soon as they run a parallel
+   kernel: "Terminating: fork() called from a process already using GNU
+   OpenMP, this is unsafe." The 'workqueue' layer has no such problem, costs
+   nothing measurable for our kernels, and is always available. (It does not
+   support launching parallel kernels from several Python threads at once.)
+2. Cache directory. cache=True writes compiled kernels next to the source, in
+   the package's __pycache__. In a read-only install (a system site-packages, a
+   container image) Numba falls back to ~/.cache, and if that is not writable
+   either, importing a module with cache=True kernels raises. We point the
+   cache at a writable per-user directory when the package directory is not
+   writable.
+
+Both are set in os.environ (so that numba.config.reload_config(), which the
+compiler calls and which re-reads every NUMBA_* variable whenever one changed,
+keeps them) and in numba.config for a numba that is already imported.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+THREADING_LAYER = "workqueue"
+PACKAGE_PYCACHE = Path(__file__).resolve().parent / "__pycache__"
+USER_CACHE_DIR = Path.home() / ".cache" / "minimrcnn" / "numba"
+
+
+def is_writable_dir(path):
+    """True if `path` exists or can be created, and a file can be written in it."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+        return True
+    except OSError:
+        return False
+
+
+def choose_cache_dir(package_pycache=PACKAGE_PYCACHE, user_cache_dir=USER_CACHE_DIR):
+    """None when Numba's own choice works (writable package __pycache__); else a writable dir."""
+    if is_writable_dir(package_pycache):
+        return None
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    for candidate in (Path(user_cache_dir), Path(tempfile.gettempdir()) / f"minimrcnn-numba-{uid}"):
+        if is_writable_dir(candidate):
+            return str(candidate)
+    return None  # nothing writable: leave numba's behaviour (and its error message) as is
+
+
+def configure():
+    """Apply both settings; returns the environment variables it set."""
+    chosen = {}
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        chosen["NUMBA_THREADING_LAYER"] = THREADING_LAYER
+    if "NUMBA_CACHE_DIR" not in os.environ:
+        cache_dir = choose_cache_dir()
+        if cache_dir is not None:
+            chosen["NUMBA_CACHE_DIR"] = cache_dir
+    os.environ.update(chosen)
+
+    import numba  # after os.environ: a first import reads the variables itself
+
+    if "NUMBA_THREADING_LAYER" in chosen:
+        numba.config.THREADING_LAYER = THREADING_LAYER
+    if "NUMBA_CACHE_DIR" in chosen:
+        numba.config.CACHE_DIR = chosen["NUMBA_CACHE_DIR"]
+    return chosen
+
+
+CONFIGURED = configure()
+
+CUDA_THREADS_PER_BLOCK = 256
+CUDA_MAX_BLOCKS = 65535  # the kernels loop over the grid (grid-stride), so any size fits
+
+
+def cuda_launch(kernel, num_threads, inputs, scalars, outputs, device):
+    """Run kernel(*inputs, *scalars, *outputs) over `num_threads` cells.
+
+    CUDA tensors are handed over without copies, through __cuda_array_interface__,
+    and the kernel runs on torch's current stream, so it is ordered with torch's
+    own work. Under the CUDA simulator (CPU tensors) they go as NumPy views.
+    """
+    from numba import cuda
+
+    # a small launch gets a small block: the simulator runs every thread, even idle ones
+    threads_per_block = min(CUDA_THREADS_PER_BLOCK, num_threads)
+    blocks = max(1, min(-(-num_threads // threads_per_block), CUDA_MAX_BLOCKS))
+    tensors = tuple(inputs) + tuple(outputs)
+    if device.type == "cuda":
+        import torch
+
+        # sync=False: no wait on the producer's stream, as we run on that same stream
+        arrays = [cuda.as_cuda_array(t, sync=False) for t in tensors]
+        with cuda.gpus[device.index]:
+            stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+            kernel[blocks, threads_per_block, stream](*arrays[: len(inputs)], *scalars, *arrays[len(inputs) :])
+    else:
+        arrays = [t.numpy() for t in tensors]
+        kernel[blocks, threads_per_block](*arrays[: len(inputs)], *scalars, *arrays[len(inputs) :])
