@@ -435,7 +435,7 @@ def _cuda_backward(grad_output, rois, feature_shape, params):
     grad_features = torch.zeros(feature_shape, dtype=grad_output.dtype, device=grad_output.device)
     if grad_output.numel() > 0:
         scalars = (spatial_scale, sampling_ratio, aligned)
-        cuda_launch(_backward_cuda, grad_output.numel(), (grad_output.detach(), rois.detach()), scalars,
+        cuda_launch(_backward_cuda, grad_output.numel(), (grad_output.detach().contiguous(), rois.detach()), scalars,
                     (grad_features,), grad_output.device)
     return grad_features
 
@@ -532,3 +532,90 @@ class RoIAlign(nn.Module):
             f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
             f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, backend={self.backend!r}"
         )
+
+
+# ---------------------------------------------------------------------------
+# 7. Checking a backend against the reference on small cases, and the CUDA
+#    kernels without a GPU (the simulator is chosen when numba is imported,
+#    hence the subprocess).
+# ---------------------------------------------------------------------------
+
+
+def random_rois(generator, num_rois, num_images, height, width, spatial_scale=1.0, dtype=torch.float64):
+    """[num_rois, 5] RoIs in image coordinates over a map of height x width, with the edge cases:
+
+    ordinary boxes, boxes partly and wholly outside the map, boxes under a pixel,
+    boxes several times the map, and zero-width / zero-height boxes.
+    """
+    image_h, image_w = height / spatial_scale, width / spatial_scale
+    corner = torch.rand(num_rois, 2, generator=generator, dtype=torch.float64) * 1.4 - 0.2
+    size = torch.rand(num_rois, 2, generator=generator, dtype=torch.float64) * 0.8
+    kind = torch.arange(num_rois) % 6
+    size[kind == 1] *= 0.02  # under a pixel (on the map)
+    size[kind == 2] += 2.0  # several times the map
+    corner[kind == 3] += 1.5  # wholly outside
+    size[kind == 4, 0] = 0.0  # zero width
+    size[kind == 5, 1] = 0.0  # zero height
+    boxes = torch.cat([corner, corner + size], dim=1) * torch.tensor([image_w, image_h, image_w, image_h])
+    batch_index = torch.randint(num_images, (num_rois, 1), generator=generator).double()
+    return torch.cat([batch_index, boxes], dim=1).to(dtype)
+
+
+def compare_with_reference(backend, seed=0):
+    """Max |backend - reference| of both ops' forward and backward over small random cases
+    (sampling_ratio -1/0/2, aligned or not, spatial_scale 1 and 0.25, float32 and float64),
+    and whether gradcheck passes in float64. Returns a dict of plain numbers and bools."""
+    from minimrcnn.ops.roi_pool import roi_pool
+
+    generator = torch.Generator().manual_seed(seed)
+    report = {}
+
+    def record(key, error):
+        report[key] = max(report.get(key, 0.0), float(error))
+
+    for dtype in (torch.float32, torch.float64):
+        name = str(dtype).replace("torch.", "")
+        features = torch.randn(2, 2, 5, 6, generator=generator, dtype=dtype)
+        for spatial_scale in (1.0, 0.25):
+            rois = random_rois(generator, 6, 2, 5, 6, spatial_scale, dtype)
+            for sampling_ratio in (-1, 0, 2):
+                for aligned in (True, False):
+                    args = ((2, 3), spatial_scale, sampling_ratio, aligned)
+                    outputs, grads = [], []
+                    for which in (backend, "reference"):
+                        leaf = features.clone().requires_grad_()
+                        output = roi_align(leaf, rois, *args, backend=which)
+                        output.backward(torch.ones_like(output))
+                        outputs.append(output.detach())
+                        grads.append(leaf.grad)
+                    record(f"roi_align_{name}_forward", (outputs[0] - outputs[1]).abs().max())
+                    record(f"roi_align_{name}_backward", (grads[0] - grads[1]).abs().max())
+            pooled = [roi_pool(features, rois, (2, 3), spatial_scale, which, True) for which in (backend, "reference")]
+            record(f"roi_pool_{name}_forward", (pooled[0][0] - pooled[1][0]).abs().max())
+            record(f"roi_pool_argmax_{name}_mismatches", (pooled[0][1] != pooled[1][1]).sum())
+    features = torch.randn(1, 2, 4, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    rois = random_rois(generator, 3, 1, 4, 5, 0.5)
+    report["roi_align_gradcheck"] = torch.autograd.gradcheck(
+        lambda f: roi_align(f, rois, 2, 0.5, 2, backend=backend), (features,), fast_mode=True
+    )
+    report["roi_pool_gradcheck"] = torch.autograd.gradcheck(
+        lambda f: roi_pool(f, rois, 2, 0.5, backend=backend), (features,), fast_mode=True
+    )
+    return report
+
+
+def check_cuda_simulator(timeout=300):
+    """compare_with_reference("cuda") run in a subprocess under NUMBA_ENABLE_CUDASIM=1."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = "import json; from minimrcnn.ops.roi_align import compare_with_reference as c; print(json.dumps(c('cuda')))"
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"the CUDA simulator check failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -273,7 +273,7 @@ def _cuda_forward(features, rois, params):
 def _cuda_backward(grad_output, rois, argmax, feature_shape):
     grad_features = torch.zeros(feature_shape, dtype=grad_output.dtype, device=grad_output.device)
     if grad_output.numel() > 0:
-        cuda_launch(_backward_cuda, grad_output.numel(), (grad_output.detach(), rois.detach(), argmax), (),
+        cuda_launch(_backward_cuda, grad_output.numel(), (grad_output.detach().contiguous(), rois.detach(), argmax), (),
                     (grad_features,), grad_output.device)
     return grad_features
 
