@@ -17,6 +17,7 @@ The file reads top to bottom: NumPy reference (the spec) -> backends -> dispatch
 -> autograd function -> public function and nn.Module.
 """
 
+import functools
 import math
 
 import numba
@@ -604,6 +605,7 @@ def compare_with_reference(backend, seed=0):
     return report
 
 
+@functools.lru_cache(maxsize=None)  # deterministic, and a few seconds per run
 def check_cuda_simulator(timeout=300):
     """compare_with_reference("cuda") run in a subprocess under NUMBA_ENABLE_CUDASIM=1."""
     import json
