@@ -8,6 +8,7 @@ import torch
 
 from minimrcnn.config import get_config
 from minimrcnn.engine import checkpoint as ckpt
+from minimrcnn.engine import schedule
 from minimrcnn.engine import train as train_module
 from minimrcnn.engine.logging import LOSS_NAMES, read_metrics
 
@@ -189,12 +190,12 @@ def test_time_budget_sets_and_stores_max_iter(tmp_path, tiny_shapes, monkeypatch
             return super().forward(images, targets)
 
     monkeypatch.setattr(ckpt, "build_model", SlowModel)
-    monkeypatch.setattr(train_module, "FINAL_RESERVE_SECONDS", 0.0)
+    monkeypatch.setattr(schedule, "FINAL_RESERVE_SECONDS", 0.0)
     config = tiny_config(max_iter=1000, warmup_iters=100)
     summary = run(config, tmp_path, tiny_shapes, time_budget_minutes=0.04)  # 2.4 s
     saved = ckpt.load_checkpoint(tmp_path / "last.pth")
     # The speed (about 0.02 s per iteration) allows far fewer than the config's 1000 iterations.
-    assert train_module.CALIBRATION_SKIP + train_module.CALIBRATION_ITERS <= summary["iterations"] < 1000
+    assert schedule.CALIBRATION_SKIP + schedule.CALIBRATION_ITERS <= summary["iterations"] < 1000
     assert saved["max_iter"] == saved["iteration"] == summary["iterations"]
     # The warm-up shrank with the run: 100 of 1000 iterations became about a tenth of the run.
     assert 1 <= saved["scheduler"]["warmup_iters"] < 100

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box", "loss_classifier", "loss_box", "loss_mask")
+FEW_POINTS = 20  # below this many records, mark each point (a single one draws no line)
 
 
 class MetricsWriter:
@@ -67,7 +68,8 @@ def plot_loss_curve(records: list[dict], path, title: str = "training losses") -
     for name in ("loss", *LOSS_NAMES):
         values = [record.get(name, math.nan) for record in records]
         if any(math.isfinite(v) and v > 0 for v in values):
-            axes.plot(iterations, values, label=name, linewidth=2.0 if name == "loss" else 1.0)
+            axes.plot(iterations, values, label=name, linewidth=2.0 if name == "loss" else 1.0,
+                      marker="o" if len(records) < FEW_POINTS else None, markersize=3)
     axes.set_yscale("log")
     axes.set_xlabel("iteration")
     axes.set_ylabel("loss")

@@ -6,13 +6,26 @@ main schedule, either *step* (times ``gamma`` at each of ``steps``, given as fra
 of ``max_iter``) or *cosine* (from 1 down to 0 at ``max_iter``). Because nothing but the
 iteration goes in, resuming a run needs no scheduler state beyond the iteration itself,
 and a time budget can change ``max_iter`` and the whole schedule follows.
+
+Under a time budget, :class:`BudgetPlanner` times the first iterations (and a few
+predictions, to reserve the evaluation's time) and picks ``max_iter`` with
+:func:`iterations_within_budget`; :func:`stretch_warmup` keeps the warm-up's fraction.
 """
 
 from __future__ import annotations
 
 import math
+import time
+
+import torch
 
 SCHEDULES = ("step", "cosine")
+CALIBRATION_SKIP = 2  # first iterations fill caches (JIT, allocator) and are not timed
+CALIBRATION_ITERS = 5  # timed iterations that set max_iter under a time budget
+REPLAN_FRACTION = 0.3  # re-measure the speed once, this far into a budgeted run
+FINAL_RESERVE_SECONDS = 5.0  # last checkpoint, loss curve, start-up of the evaluation
+EVAL_ESTIMATE_IMAGES = 8  # val images predicted to estimate the evaluation time
+EVAL_OVERHEAD = 1.35  # COCO matching and RLE encoding add about a third to prediction on CPU
 
 
 def warmup_factor_at(iteration: int, warmup_iters: int, warmup_factor: float) -> float:
@@ -71,3 +84,87 @@ def iterations_within_budget(iterations_done: int, seconds_elapsed: float, secon
     seconds_left = budget_seconds - reserve_seconds - seconds_elapsed
     more = max(0, math.floor(seconds_left / seconds_per_iter))
     return max(1, iterations_done + more)
+
+
+# ---------------------------------------------------------------- fitting a time budget
+
+
+def synchronize(device) -> None:
+    """Wait for the device (only for timing: the training loop itself never waits)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _slowest(*values: float) -> tuple[float, ...]:
+    """The maximum of each value over all processes (the values themselves with one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tuple(tensor.tolist())
+
+
+def estimate_eval_seconds(model, val_dataset, device, num_images: int) -> float:
+    """Seconds to predict ``num_images`` val images, from timing a few of them."""
+    if val_dataset is None or len(val_dataset) == 0:
+        return 0.0
+    model = getattr(model, "module", model)  # inside DDP
+    sample_count = min(EVAL_ESTIMATE_IMAGES, len(val_dataset))
+    images = [val_dataset[i][0].to(device) for i in range(sample_count)]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        synchronize(device)
+        start = time.perf_counter()
+        model.predict(images)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    model.train(was_training)
+    return EVAL_OVERHEAD * seconds / sample_count * num_images
+
+
+class BudgetPlanner:
+    """Chooses ``max_iter`` so that the run, evaluation included, ends within a wall-clock budget.
+
+    Iterations ``CALIBRATION_SKIP`` .. ``CALIBRATION_SKIP + CALIBRATION_ITERS`` are timed
+    (the first ones fill caches), then a second, longer measurement at ``REPLAN_FRACTION``
+    of the run corrects for speed that changes as the model learns (more positive RoIs;
+    fewer detections to paste at evaluation). Each plan also times the prediction of a
+    few val images to reserve the evaluation's time. All processes take the slowest
+    measurement, so they agree on ``max_iter``.
+    """
+
+    def __init__(self, budget_seconds: float, call_start: float, device, model, val_dataset):
+        self.budget_seconds = budget_seconds
+        self.call_start = call_start
+        self.device = device
+        self.model = model
+        self.val_dataset = val_dataset
+        self.first_timed = CALIBRATION_SKIP
+        self.last_timed = CALIBRATION_SKIP + CALIBRATION_ITERS
+        self.replan_at = None
+        self.timer_start = None
+
+    def after_iteration(self, done: int, iteration: int) -> tuple[int, bool] | None:
+        """``(new max_iter, is_first_plan)`` after ``done`` iterations of this call, or None."""
+        if done == self.first_timed:
+            synchronize(self.device)
+            self.timer_start = time.perf_counter()
+            return None
+        if done != self.last_timed and done != self.replan_at:
+            return None
+        synchronize(self.device)
+        seconds_per_iter = (time.perf_counter() - self.timer_start) / (done - self.first_timed)
+        num_val = len(self.val_dataset) if self.val_dataset is not None else 0
+        eval_seconds = estimate_eval_seconds(self.model, self.val_dataset, self.device, num_val)
+        seconds_per_iter, eval_seconds = _slowest(seconds_per_iter, eval_seconds)
+        new_max = iterations_within_budget(iteration, time.perf_counter() - self.call_start,
+                                           seconds_per_iter, self.budget_seconds,
+                                           eval_seconds + FINAL_RESERVE_SECONDS)
+        is_first = done == self.last_timed
+        if is_first:
+            replan_at = round(REPLAN_FRACTION * new_max)
+            self.replan_at = replan_at if replan_at > self.last_timed else None
+        return new_max, is_first

@@ -30,14 +30,9 @@ from minimrcnn.config import Config, get_config
 from minimrcnn.engine import checkpoint as ckpt
 from minimrcnn.engine import distributed as distrib
 from minimrcnn.engine.logging import LOSS_NAMES, MetricsWriter, plot_loss_curve, read_metrics
-from minimrcnn.engine.schedule import iterations_within_budget, lr_factor, stretch_warmup
+from minimrcnn.engine.schedule import BudgetPlanner, lr_factor, stretch_warmup, synchronize
 
 LOG_PERIOD = 20  # iterations between loss read-backs (each one waits for the device)
-CALIBRATION_SKIP = 2  # first iterations fill caches (JIT, allocator) and are not timed
-CALIBRATION_ITERS = 5  # timed iterations that set max_iter under a time budget
-REPLAN_FRACTION = 0.3  # re-measure the speed once, this far into a budgeted run
-FINAL_RESERVE_SECONDS = 5.0  # last checkpoint, loss curve, start-up of the evaluation
-EVAL_ESTIMATE_IMAGES = 8  # val images predicted to estimate the evaluation time
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -146,11 +141,6 @@ def _to_device(images, targets, device):
     return images, targets
 
 
-def _synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _raise_if_nonfinite(loss_rows: torch.Tensor, first_iteration: int, names) -> None:
     """loss_rows: [T, L], one row per iteration from ``first_iteration`` on."""
     finite = torch.isfinite(loss_rows)
@@ -161,26 +151,6 @@ def _raise_if_nonfinite(loss_rows: torch.Tensor, first_iteration: int, names) ->
         f"{names[column]} is {loss_rows[row, column].item()} at iteration {first_iteration + row}: "
         "training stopped; no checkpoint was written after the last good one "
         "(lower config.base_lr, raise warm-up, or set config.grad_clip)")
-
-
-def estimate_eval_seconds(model, val_dataset, device, num_images: int) -> float:
-    """Seconds to predict ``num_images`` val images, from timing a few of them."""
-    if val_dataset is None or len(val_dataset) == 0:
-        return 0.0
-    model = ckpt.unwrap_model(model)
-    sample_count = min(EVAL_ESTIMATE_IMAGES, len(val_dataset))
-    images = [val_dataset[i][0].to(device) for i in range(sample_count)]
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        _synchronize(device)
-        start = time.perf_counter()
-        model.predict(images)
-        _synchronize(device)
-        seconds = time.perf_counter() - start
-    model.train(was_training)
-    # The COCO evaluation itself adds roughly a third again on CPU.
-    return 1.35 * seconds / sample_count * num_images
 
 
 def _check_resume_config(config: Config, saved: dict, path: Path) -> None:
@@ -246,6 +216,10 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
     val_dataset = CocoInstances(paths["val_images"], paths["val_annotations"]) \
         if evaluate and paths["val_images"] is not None else None
 
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matrix products, as is usual for training
+        # Fixed-size inputs (shapes: every image square, one size) let cuDNN pick its fastest kernels once.
+        torch.backends.cudnn.benchmark = len(config.min_size) == 1 and config.min_size[0] == config.max_size
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
     random.seed(config.seed)
@@ -392,59 +366,6 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     distrib.barrier()
     return summary
-
-
-class BudgetPlanner:
-    """Chooses ``max_iter`` so that the run, evaluation included, ends within a wall-clock budget.
-
-    Iterations ``CALIBRATION_SKIP`` .. ``CALIBRATION_SKIP + CALIBRATION_ITERS`` are timed
-    (the first ones fill caches), then a second, longer measurement at ``REPLAN_FRACTION``
-    of the run corrects for speed that changes as the model learns (more positive RoIs;
-    fewer detections to paste at evaluation). Each plan also times the prediction of a
-    few val images to reserve the evaluation's time. All processes take the slowest
-    measurement, so they agree on ``max_iter``.
-    """
-
-    def __init__(self, budget_seconds: float, call_start: float, device, model, val_dataset):
-        self.budget_seconds = budget_seconds
-        self.call_start = call_start
-        self.device = device
-        self.model = model
-        self.val_dataset = val_dataset
-        self.first_timed = CALIBRATION_SKIP
-        self.last_timed = CALIBRATION_SKIP + CALIBRATION_ITERS
-        self.replan_at = None
-        self.timer_start = None
-
-    def after_iteration(self, done: int, iteration: int) -> tuple[int, bool] | None:
-        """``(new max_iter, is_first_plan)`` after ``done`` iterations of this call, or None."""
-        if done == self.first_timed:
-            _synchronize(self.device)
-            self.timer_start = time.perf_counter()
-            return None
-        if done != self.last_timed and done != self.replan_at:
-            return None
-        _synchronize(self.device)
-        seconds_per_iter = (time.perf_counter() - self.timer_start) / (done - self.first_timed)
-        num_val = len(self.val_dataset) if self.val_dataset is not None else 0
-        eval_seconds = estimate_eval_seconds(self.model, self.val_dataset, self.device, num_val)
-        seconds_per_iter, eval_seconds = _slowest(seconds_per_iter, eval_seconds)
-        new_max = iterations_within_budget(iteration, time.perf_counter() - self.call_start,
-                                           seconds_per_iter, self.budget_seconds,
-                                           eval_seconds + FINAL_RESERVE_SECONDS)
-        is_first = done == self.last_timed
-        if is_first:
-            replan_at = round(REPLAN_FRACTION * new_max)
-            self.replan_at = replan_at if replan_at > self.last_timed else None
-        return new_max, is_first
-
-
-def _slowest(*values: float) -> tuple[float, ...]:
-    if not distrib.get_info().is_distributed:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return tuple(tensor.tolist())
 
 
 # ---------------------------------------------------------------- evaluation
