@@ -565,11 +565,13 @@ def random_rois(generator, num_rois, num_images, height, width, spatial_scale=1.
 def compare_with_reference(backend, seed=0):
     """Max |backend - reference| of both ops' forward and backward over small random cases
     (sampling_ratio -1/0/2, aligned or not, spatial_scale 1 and 0.25, float32 and float64),
-    and whether gradcheck passes in float64. Returns a dict of plain numbers and bools."""
+    and whether gradcheck passes in float64. Returns a dict of plain numbers, bools and the device."""
     from minimrcnn.ops.roi_pool import roi_pool
 
     generator = torch.Generator().manual_seed(seed)
-    report = {}
+    # the CUDA backend runs on the GPU when there is one, else on CPU tensors (simulator)
+    device = "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
+    report = {"device": device}
 
     def record(key, error):
         report[key] = max(report.get(key, 0.0), float(error))
@@ -583,19 +585,22 @@ def compare_with_reference(backend, seed=0):
                 for aligned in (True, False):
                     args = ((2, 3), spatial_scale, sampling_ratio, aligned)
                     outputs, grads = [], []
-                    for which in (backend, "reference"):
-                        leaf = features.clone().requires_grad_()
-                        output = roi_align(leaf, rois, *args, backend=which)
+                    for which, where in ((backend, device), ("reference", "cpu")):
+                        leaf = features.to(where, copy=True).requires_grad_()
+                        output = roi_align(leaf, rois.to(where), *args, backend=which)
                         output.backward(torch.ones_like(output))
-                        outputs.append(output.detach())
-                        grads.append(leaf.grad)
+                        outputs.append(output.detach().cpu())
+                        grads.append(leaf.grad.cpu())
                     record(f"roi_align_{name}_forward", (outputs[0] - outputs[1]).abs().max())
                     record(f"roi_align_{name}_backward", (grads[0] - grads[1]).abs().max())
-            pooled = [roi_pool(features, rois, (2, 3), spatial_scale, which, True) for which in (backend, "reference")]
+            pooled = [
+                [t.cpu() for t in roi_pool(features.to(where), rois.to(where), (2, 3), spatial_scale, which, True)]
+                for which, where in ((backend, device), ("reference", "cpu"))
+            ]
             record(f"roi_pool_{name}_forward", (pooled[0][0] - pooled[1][0]).abs().max())
             record(f"roi_pool_argmax_{name}_mismatches", (pooled[0][1] != pooled[1][1]).sum())
-    features = torch.randn(1, 2, 4, 5, generator=generator, dtype=torch.float64, requires_grad=True)
-    rois = random_rois(generator, 3, 1, 4, 5, 0.5)
+    features = torch.randn(1, 2, 4, 5, generator=generator, dtype=torch.float64).to(device).requires_grad_()
+    rois = random_rois(generator, 3, 1, 4, 5, 0.5).to(device)
     report["roi_align_gradcheck"] = torch.autograd.gradcheck(
         lambda f: roi_align(f, rois, 2, 0.5, 2, backend=backend), (features,), fast_mode=True
     )

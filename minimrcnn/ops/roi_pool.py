@@ -142,13 +142,17 @@ _bin_range_cuda = cuda.jit(device=True)(bin_range)
 # ---------------------------------------------------------------------------
 
 CHANNEL_BLOCK = 16  # channels per task; bin bounds are computed once per task
+# Unsigned flat indices: Numba wraps negative signed indices around (a[-1]), and
+# those checks cost more than the max itself in these loops.
+_unsigned = np.uint64
 
 
 @numba.njit(parallel=True, cache=True)
 def _forward_cpu(features, rois, spatial_scale, output, argmax):
-    """features: [N, C, H, W]; rois: [K, 5] float64; output, argmax: [K, C, ph, pw] (written)."""
+    """features: [N, C, H, W] contiguous; rois: [K, 5] float64; output, argmax: [K, C, ph, pw] (written)."""
     channels, height, width = features.shape[1], features.shape[2], features.shape[3]
     pooled_h, pooled_w = output.shape[2], output.shape[3]
+    flat, out_flat, argmax_flat = features.reshape(-1), output.reshape(-1), argmax.reshape(-1)
     num_blocks = (channels + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
     for task in numba.prange(rois.shape[0] * num_blocks):  # task = (RoI, channel block)
         k, c0 = task // num_blocks, (task % num_blocks) * CHANNEL_BLOCK
@@ -162,35 +166,41 @@ def _forward_cpu(features, rois, spatial_scale, output, argmax):
         for px in range(pooled_w):
             cols[px, 0], cols[px, 1] = _bin_range_cpu(px, first_x, size_x, pooled_w, width)
         for c in range(c0, min(c0 + CHANNEL_BLOCK, channels)):
-            plane = features[b, c]
+            plane = _unsigned((b * channels + c) * height * width)
+            cell = _unsigned((k * channels + c) * pooled_h * pooled_w)
             for py in range(pooled_h):
                 for px in range(pooled_w):
-                    if rows[py, 1] <= rows[py, 0] or cols[px, 1] <= cols[px, 0]:
-                        output[k, c, py, px] = 0.0
-                        argmax[k, c, py, px] = NO_ARGMAX
-                        continue
                     best, best_index = -FLT_MAX, NO_ARGMAX
-                    for row in range(rows[py, 0], rows[py, 1]):
-                        for col in range(cols[px, 0], cols[px, 1]):
-                            if plane[row, col] > best:  # strict: the first maximum wins ties
-                                best, best_index = plane[row, col], row * width + col
-                    output[k, c, py, px] = best
-                    argmax[k, c, py, px] = best_index
+                    if rows[py, 1] <= rows[py, 0] or cols[px, 1] <= cols[px, 0]:
+                        best = 0.0  # empty bin
+                    for row in range(_unsigned(rows[py, 0]), _unsigned(rows[py, 1])):
+                        for col in range(_unsigned(cols[px, 0]), _unsigned(cols[px, 1])):
+                            value = flat[plane + row * _unsigned(width) + col]
+                            if value > best:  # strict: the first maximum wins ties
+                                best, best_index = value, int(row * _unsigned(width) + col)
+                    out_flat[cell] = best
+                    argmax_flat[cell] = best_index
+                    cell += _unsigned(1)
 
 
 @numba.njit(parallel=True, cache=True)
 def _backward_cpu(grad_output, rois, argmax, grad_features):
-    """Race-free: a task owns one channel of grad_features and visits every RoI for it."""
+    """Race-free: a task owns one channel of grad_features and visits every RoI for it.
+
+    grad_output, argmax: [K, C, ph, pw] contiguous; grad_features: [N, C, H, W] zeros.
+    """
     num_rois, channels, pooled_h, pooled_w = grad_output.shape
-    width = grad_features.shape[3]
+    plane_size = grad_features.shape[2] * grad_features.shape[3]
+    num_bins = pooled_h * pooled_w
+    grad_flat, argmax_flat, out_flat = grad_output.reshape(-1), argmax.reshape(-1), grad_features.reshape(-1)
     for c in numba.prange(channels):
         for k in range(num_rois):
-            plane = grad_features[int(rois[k, 0]), c]
-            for py in range(pooled_h):
-                for px in range(pooled_w):
-                    index = argmax[k, c, py, px]
-                    if index != NO_ARGMAX:
-                        plane[index // width, index % width] += grad_output[k, c, py, px]
+            plane = _unsigned((int(rois[k, 0]) * channels + c) * plane_size)
+            cell = _unsigned((k * channels + c) * num_bins)
+            for j in range(_unsigned(num_bins)):
+                index = argmax_flat[cell + j]
+                if index != NO_ARGMAX:
+                    out_flat[plane + _unsigned(index)] += grad_flat[cell + j]
 
 
 def _numba_forward(features, rois, params):
@@ -208,7 +218,8 @@ def _numba_backward(grad_output, rois, argmax, feature_shape):
     grad_features = torch.zeros(feature_shape, dtype=grad_output.dtype)
     if grad_output.numel() > 0:
         rois64 = rois.detach().numpy().astype(np.float64)
-        _backward_cpu(grad_output.detach().contiguous().numpy(), rois64, argmax.numpy(), grad_features.numpy())
+        _backward_cpu(grad_output.detach().contiguous().numpy(), rois64, argmax.contiguous().numpy(),
+                      grad_features.numpy())
     return grad_features
 
 
