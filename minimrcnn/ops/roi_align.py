@@ -130,6 +130,27 @@ def roi_align_backward_reference(
     return grad_features
 
 
+def roi_align_sample_points(roi, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True):
+    """(y, x) of every sample of one RoI on the feature map, before any bounds check.
+
+    roi: (batch_index, x1, y1, x2, y2) -> array [ph, pw, gh * gw, 2]; for pictures and lessons.
+    """
+    pooled_h, pooled_w = output_size
+    start_y, start_x, bin_h, bin_w, grid_h, grid_w, _ = roi_geometry(
+        roi[1], roi[2], roi[3], roi[4], pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
+    )
+    points = np.zeros((pooled_h, pooled_w, max(grid_h, 0) * max(grid_w, 0), 2))
+    for py in range(pooled_h):
+        for px in range(pooled_w):
+            for iy in range(grid_h):
+                for ix in range(grid_w):
+                    points[py, px, iy * grid_w + ix] = (
+                        start_y + py * bin_h + (iy + 0.5) * bin_h / grid_h,
+                        start_x + px * bin_w + (ix + 0.5) * bin_w / grid_w,
+                    )
+    return points
+
+
 # ---------------------------------------------------------------------------
 # 2. Helpers shared by the CPU and CUDA kernels: plain Python functions,
 #    compiled once with numba.njit and once as CUDA device functions.

@@ -48,8 +48,8 @@ def round_half_away(value):
     return math.floor(value + 0.5) if value >= 0 else -math.floor(-value + 0.5)
 
 
-def _reference_bins(roi, height, width, output_size, spatial_scale):
-    """Yield (py, px, row_start, row_end, col_start, col_end) of every bin of one RoI."""
+def roi_pool_bins(roi, height, width, output_size, spatial_scale=1.0):
+    """Yield (py, px, row_start, row_end, col_start, col_end) of every bin of one RoI (ends exclusive)."""
     pooled_h, pooled_w = output_size
     start_x = round_half_away(roi[1] * spatial_scale)
     start_y = round_half_away(roi[2] * spatial_scale)
@@ -76,7 +76,7 @@ def roi_pool_reference(features, rois, output_size, spatial_scale=1.0):
     argmax = np.full(output.shape, NO_ARGMAX, dtype=np.int64)
     for k, roi in enumerate(rois):
         image = features[int(roi[0])]  # [C, H, W]
-        for py, px, row_start, row_end, col_start, col_end in _reference_bins(
+        for py, px, row_start, row_end, col_start, col_end in roi_pool_bins(
             roi, height, width, output_size, spatial_scale
         ):
             if row_end <= row_start or col_end <= col_start:
