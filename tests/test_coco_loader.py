@@ -135,7 +135,7 @@ def test_remove_images_without_annotations(tmp_path):
 def test_shapes_set(tiny_shapes):
     dataset = CocoInstances(tiny_shapes / "images", tiny_shapes / "annotations" / "instances_val.json")
     assert len(dataset) == 8 and dataset.category_ids == [0, 1, 2, 3, 4]
-    assert dataset.class_names == ["__background__", "square", "circle", "triangle", "hexagon"]
+    assert dataset.class_names == ["__background__", "square", "circle", "triangle", "star"]
     coco = dataset.coco
     saw_crowd = False
     for index in range(len(dataset)):

@@ -56,7 +56,7 @@ def test_layout_and_categories(tiny_shapes):
     for split, count in (("train", 16), ("val", 8)):
         instances = json.loads((tiny_shapes / "annotations" / f"instances_{split}.json").read_text())
         panoptic = json.loads((tiny_shapes / "annotations" / f"panoptic_{split}.json").read_text())
-        assert [c["name"] for c in instances["categories"]] == ["square", "circle", "triangle", "hexagon"]
+        assert [c["name"] for c in instances["categories"]] == ["square", "circle", "triangle", "star"]
         assert [c["id"] for c in instances["categories"]] == [1, 2, 3, 4]
         assert all(c["supercategory"] == "shape" for c in instances["categories"])
         assert {(c["name"], c["isthing"]) for c in panoptic["categories"]} >= {("sky", 0), ("ground", 0), ("square", 1)}

@@ -177,7 +177,7 @@ def test_outputs_and_evaluation(tmp_path, tiny_shapes, stand_in, capsys):
     assert (tmp_path / "loss_curve.png").stat().st_size > 1000
     final = ckpt.load_checkpoint(tmp_path / "model_final.pth")
     assert "optimizer" not in final
-    assert final["extra"]["class_names"][1:] == ["square", "circle", "triangle", "hexagon"]
+    assert final["extra"]["class_names"][1:] == ["square", "circle", "triangle", "star"]
 
 
 def test_time_budget_sets_and_stores_max_iter(tmp_path, tiny_shapes, monkeypatch):

@@ -1,7 +1,7 @@
 """The synthetic *shapes* dataset, written as real COCO instances and panoptic annotations.
 
 Every image has a sky (upper) and a ground (lower) region separated by a wavy horizon
-("stuff"), and 1-6 flat-coloured shapes ("things": square, circle, triangle, hexagon)
+("stuff"), and 1-6 flat-coloured shapes ("things": square, circle, triangle, star)
 that may occlude each other. Each instance mask is exactly the instance's *visible*
 pixels, so the masks of one image are disjoint and every painted object is annotated.
 
@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-THING_NAMES = ("square", "circle", "triangle", "hexagon")
+THING_NAMES = ("square", "circle", "triangle", "star")
 STUFF_NAMES = ("sky", "ground")
 SKY_ID, GROUND_ID = 5, 6
 SHAPES_CATEGORIES = [
@@ -44,6 +44,7 @@ SHAPES_CATEGORIES = [
     {"id": GROUND_ID, "name": "ground", "supercategory": "background", "isthing": 0},
 ]
 SPLITS = ("train", "val")
+FORMAT_VERSION = 2  # bumped whenever the generator's output changes, so old sets are regenerated
 
 MAX_INSTANCES = 6
 SIZE_RANGE = (0.10, 0.45)  # shape extent as a fraction of the image side: small and medium objects
@@ -54,6 +55,10 @@ MIN_VISIBLE_PIXELS = 20  # ... or when fewer pixels than this stay visible
 CROWD_EVERY = 10  # val images with index % CROWD_EVERY == 1 get a crowd region
 CROWD_MEMBERS = (5, 9)  # tiny shapes per crowd cluster (low inclusive, high exclusive)
 CIRCLE_VERTICES = 32
+# A star rather than a hexagon: at 13-20 pixels a hexagon's outline differs from a circle's by
+# a pixel or two, so the class would be a coin toss; a star stays recognisable.
+STAR_POINTS = 5
+STAR_INNER_RATIO = 0.45
 MIN_COLOUR_DISTANCE = 0.45  # RGB distance (in [0, 1] units) between a shape and its background
 COORD_DECIMALS = 2  # polygon coordinates are rounded before rasterizing, so JSON holds them exactly
 SEGMENT_ID_MULTIPLIER = 0x9E3779  # odd, hence a bijection mod 2^24: distinct, visible segment colours
@@ -72,8 +77,10 @@ def _unit_polygon(category_id: int) -> np.ndarray:
     elif category_id == 3:  # equilateral triangle of side 1, centred on its centroid
         angles = math.pi / 2 + np.arange(3) * 2 * math.pi / 3
         return np.stack([np.cos(angles), np.sin(angles)], axis=1) / math.sqrt(3)
-    elif category_id == 4:  # regular hexagon
-        angles = np.arange(6) * 2 * math.pi / 6
+    elif category_id == 4:  # five-pointed star: outer and inner vertices alternate
+        angles = math.pi / 2 + np.arange(2 * STAR_POINTS) * math.pi / STAR_POINTS
+        radii = 0.5 * np.where(np.arange(2 * STAR_POINTS) % 2 == 0, 1.0, STAR_INNER_RATIO)
+        return radii[:, None] * np.stack([np.cos(angles), np.sin(angles)], axis=1)
     else:
         raise ValueError(f"category_id: expected a thing id in 1..4, got {category_id}")
     return 0.5 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
@@ -301,7 +308,8 @@ def _write_split(out_dir: Path, split: str, num_images: int, size: int, seed: in
     jobs = [(out_dir, seed, split, index, size) for index in range(num_images)]
     results = pool.map(_write_image, jobs, chunksize=32) if pool else map(_write_image, jobs)
     info = {"description": "minimrcnn synthetic shapes", "version": "1.0",
-            "minimrcnn_shapes": {"split": split, "num_images": num_images, "image_size": size, "seed": seed}}
+            "minimrcnn_shapes": {"split": split, "num_images": num_images, "image_size": size, "seed": seed,
+                                 "version": FORMAT_VERSION}}
     images, annotations, panoptic_annotations = [], [], []
     for index, (image_annotations, segments) in enumerate(results):
         image_id = index + 1
@@ -388,6 +396,7 @@ def ensure_shapes(root="data/shapes", **kwargs) -> Path:
                 recorded["train"]["num_images"] == settings["num_train"]
                 and recorded["val"]["num_images"] == settings["num_val"]
                 and all(recorded[s]["image_size"] == settings["image_size"] for s in SPLITS)
-                and all(recorded[s]["seed"] == settings["seed"] for s in SPLITS)):
+                and all(recorded[s]["seed"] == settings["seed"] for s in SPLITS)
+                and all(recorded[s].get("version") == FORMAT_VERSION for s in SPLITS)):
             return root
     return generate_shapes(root, **kwargs)
