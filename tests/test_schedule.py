@@ -77,3 +77,40 @@ def test_bad_arguments_are_named(kwargs, message):
         lr_factor(**arguments)
     with pytest.raises(ValueError, match="seconds_per_iter"):
         iterations_within_budget(0, 0.0, 0.0, 10.0)
+
+
+def test_budget_planner_plans_after_calibration_then_once_more(monkeypatch):
+    from minimrcnn.engine import schedule
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(schedule.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(schedule, "estimate_eval_seconds", lambda *args: 10.0)
+    planner = schedule.BudgetPlanner(budget_seconds=1000.0, call_start=0.0, device="cpu", model=None,
+                                     val_dataset=None)
+    plans = {}
+    for done in range(1, 400):
+        clock["now"] = 5.0 + 2.0 * done  # 5 s of start-up, then 2 s per iteration
+        plan = planner.after_iteration(done, done)
+        if plan is not None:
+            plans[done] = plan
+    last_timed = schedule.CALIBRATION_SKIP + schedule.CALIBRATION_ITERS
+    # (1000 - 10 - 5 - (5 + 2 * 7)) / 2 = 483 more iterations after the 7 done.
+    first = last_timed + (1000 - 10 - schedule.FINAL_RESERVE_SECONDS - (5 + 2 * last_timed)) // 2
+    assert plans[last_timed] == (first, True)
+    replan_at = round(schedule.REPLAN_FRACTION * first)
+    assert list(plans) == [last_timed, replan_at]
+    assert plans[replan_at][1] is False
+
+
+def test_budget_planner_plans_early_on_a_very_slow_machine(monkeypatch):
+    from minimrcnn.engine import schedule
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(schedule.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(schedule, "estimate_eval_seconds", lambda *args: 0.0)
+    planner = schedule.BudgetPlanner(budget_seconds=100.0, call_start=0.0, device="cpu", model=None,
+                                     val_dataset=None)
+    clock["now"] = 30.0
+    assert planner.after_iteration(1, 1) is None
+    clock["now"] = 60.0  # over half the budget after 2 iterations: plan now, with 30 s per iteration
+    assert planner.after_iteration(2, 2) == (2 + int((100 - 5 - 60) // 30), True)

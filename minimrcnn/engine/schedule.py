@@ -23,6 +23,7 @@ SCHEDULES = ("step", "cosine")
 CALIBRATION_SKIP = 2  # first iterations fill caches (JIT, allocator) and are not timed
 CALIBRATION_ITERS = 5  # timed iterations that set max_iter under a time budget
 REPLAN_FRACTION = 0.3  # re-measure the speed once, this far into a budgeted run
+EARLY_PLAN_FRACTION = 0.5  # plan before calibration ends if this much of the budget is gone
 FINAL_RESERVE_SECONDS = 5.0  # last checkpoint, loss curve, start-up of the evaluation
 EVAL_ESTIMATE_IMAGES = 8  # val images predicted to estimate the evaluation time
 EVAL_OVERHEAD = 1.35  # COCO matching and RLE encoding add about a third to prediction on CPU
@@ -129,7 +130,8 @@ class BudgetPlanner:
     """Chooses ``max_iter`` so that the run, evaluation included, ends within a wall-clock budget.
 
     Iterations ``CALIBRATION_SKIP`` .. ``CALIBRATION_SKIP + CALIBRATION_ITERS`` are timed
-    (the first ones fill caches), then a second, longer measurement at ``REPLAN_FRACTION``
+    (the first ones fill caches; on a machine so slow that half the budget is gone before
+    that, it plans at once), then a second, longer measurement at ``REPLAN_FRACTION``
     of the run corrects for speed that changes as the model learns (more positive RoIs;
     fewer detections to paste at evaluation). Each plan also times the prediction of a
     few val images to reserve the evaluation's time. All processes take the slowest
@@ -145,26 +147,39 @@ class BudgetPlanner:
         self.first_timed = CALIBRATION_SKIP
         self.last_timed = CALIBRATION_SKIP + CALIBRATION_ITERS
         self.replan_at = None
+        self.has_planned = False
         self.timer_start = None
 
     def after_iteration(self, done: int, iteration: int) -> tuple[int, bool] | None:
         """``(new max_iter, is_first_plan)`` after ``done`` iterations of this call, or None."""
+        planned = self.has_planned
+        if planned and done != self.replan_at:
+            return None
+        synchronize(self.device)  # only in the first few iterations and once more
+        now = time.perf_counter()
         if done == self.first_timed:
-            synchronize(self.device)
-            self.timer_start = time.perf_counter()
-            return None
-        if done != self.last_timed and done != self.replan_at:
-            return None
-        synchronize(self.device)
-        seconds_per_iter = (time.perf_counter() - self.timer_start) / (done - self.first_timed)
+            self.timer_start = now
+        if not planned and done < self.last_timed:
+            # A machine so slow that calibration would eat much of the budget plans at once
+            # (decided together: every process must take part in the plan's all-reduce).
+            too_slow = now - self.call_start > EARLY_PLAN_FRACTION * self.budget_seconds
+            if not _slowest(float(too_slow))[0]:
+                return None
+        if self.timer_start is not None and done > self.first_timed:
+            seconds_per_iter = (now - self.timer_start) / (done - self.first_timed)
+        else:  # not timed yet: start-up included, a pessimistic estimate
+            seconds_per_iter = (now - self.call_start) / done
         num_val = len(self.val_dataset) if self.val_dataset is not None else 0
         eval_seconds = estimate_eval_seconds(self.model, self.val_dataset, self.device, num_val)
         seconds_per_iter, eval_seconds = _slowest(seconds_per_iter, eval_seconds)
         new_max = iterations_within_budget(iteration, time.perf_counter() - self.call_start,
                                            seconds_per_iter, self.budget_seconds,
                                            eval_seconds + FINAL_RESERVE_SECONDS)
-        is_first = done == self.last_timed
+        is_first = not planned
+        self.has_planned = True
         if is_first:
             replan_at = round(REPLAN_FRACTION * new_max)
-            self.replan_at = replan_at if replan_at > self.last_timed else None
+            self.replan_at = replan_at if replan_at > done else None
+        else:
+            self.replan_at = None
         return new_max, is_first

@@ -174,14 +174,15 @@ def _class_info(dataset) -> dict:
 def train(config: Config | None, out_dir, train_images=None, train_annotations=None, val_images=None,
           val_annotations=None, data_root="data/shapes", time_budget_minutes: float | None = None,
           resume: bool = False, device=None, max_iter: int | None = None, evaluate: bool = True,
-          progress: bool = True) -> dict:
+          progress: bool = True, log_period: int = LOG_PERIOD) -> dict:
     """Train a Mask R-CNN; returns the run summary (also written to ``out_dir/metrics.json``).
 
     ``config`` may be None with ``resume``: the checkpoint's config is used. Under a
     ``time_budget_minutes`` the whole call, final evaluation included, ends within the
     budget: the speed of the first iterations sets ``max_iter`` and the schedule
     stretches to it. Writes ``last.pth`` (every ``checkpoint_period`` iterations and at the
-    end), ``model_final.pth``, ``metrics.jsonl``, ``loss_curve.png`` and ``metrics.json``.
+    end), ``model_final.pth``, ``metrics.jsonl`` (a line every ``log_period`` iterations),
+    ``loss_curve.png`` and ``metrics.json``.
     """
     call_start = time.perf_counter()
     device = resolve_device(device)
@@ -332,7 +333,7 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
                 bar.total = max_iter
                 bar.refresh()
             at_end = iteration >= max_iter
-            if iteration % LOG_PERIOD == 0 or at_end:
+            if iteration % log_period == 0 or at_end:
                 rows = torch.stack(window)
                 _raise_if_nonfinite(rows, window_start, loss_names)
                 means = rows.mean(dim=0).tolist()
