@@ -49,13 +49,22 @@ def resolve_device(device=None) -> torch.device:
 
 
 def shapes_root(data_root) -> Path:
-    """``data_root`` holding a shapes set: any set already there (whatever its size), else a new one."""
-    root = Path(data_root)
-    if all((root / "annotations" / f"instances_{split}.json").is_file() for split in ("train", "val")):
-        return root
+    """``data_root`` holding a current shapes set: one already there keeps its size (a small
+    test set stays small), an absent or outdated one is generated (2000 train / 200 val)."""
     from minimrcnn.data.shapes import ensure_shapes
 
-    return Path(ensure_shapes(root))
+    root = Path(data_root)
+    sizes = {}
+    for split in ("train", "val"):
+        try:
+            info = json.loads((root / "annotations" / f"instances_{split}.json").read_text())["info"]
+            recorded = info["minimrcnn_shapes"]
+            sizes[f"num_{split}"] = recorded["num_images"]
+            sizes.update(image_size=recorded["image_size"], seed=recorded["seed"])
+        except (OSError, ValueError, KeyError, TypeError):
+            sizes = {}
+            break
+    return Path(ensure_shapes(root, **sizes))
 
 
 def dataset_paths(train_images=None, train_annotations=None, val_images=None, val_annotations=None,
