@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0)
 
     train = commands.add_parser("train", help="train a model (torchrun-aware)")
-    train.add_argument("--config", default="shapes-cpu", help="preset name or JSON file")
+    train.add_argument("--config", default=None,
+                       help="preset name or JSON file (default: shapes-cpu; with --resume, the checkpoint's)")
     train.add_argument("--out", required=True, help="run folder: checkpoints, metrics, curves")
     _add_dataset_arguments(train)
     train.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",

@@ -40,6 +40,10 @@ def test_train_then_predict(tmp_path, tiny_shapes, capsys):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["iterations"] == 2 and set(metrics) >= {"bbox", "segm", "train_seconds", "device"}
 
+    # --resume without --config continues with the checkpoint's own config (here: already finished).
+    assert main(["train", "--out", str(run_dir), "--data", str(tiny_shapes), "--resume", "--no-eval"]) == 0
+    assert load_checkpoint(run_dir / "last.pth")["iteration"] == 2
+
     images = sorted((tiny_shapes / "images").glob("val_*.png"))[:2]
     out_dir = tmp_path / "pictures"
     assert main(["predict", "--checkpoint", str(run_dir / "model_final.pth"), *map(str, images),

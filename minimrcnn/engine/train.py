@@ -413,7 +413,10 @@ def evaluate_model(model, val_dataset, annotation_file, device, batch_size: int 
 
 def train_from_args(args) -> dict:
     """``python -m minimrcnn train ...`` (see ``minimrcnn/cli.py``)."""
-    config = None if args.resume and args.config is None else get_config(args.config)
+    if args.config is not None:
+        config = get_config(args.config)
+    else:  # a resumed run continues with its checkpoint's config
+        config = None if args.resume else get_config("shapes-cpu")
     try:
         return train(config, args.out, train_images=args.train_images,
                      train_annotations=args.train_annotations, val_images=args.val_images,
