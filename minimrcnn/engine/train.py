@@ -16,9 +16,7 @@ losses are read back, checked for NaN/inf and written as a JSON line.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ from minimrcnn.config import Config, get_config
 from minimrcnn.engine import checkpoint as ckpt
 from minimrcnn.engine import distributed as distrib
 from minimrcnn.engine.logging import LOSS_NAMES, MetricsWriter, plot_loss_curve, read_metrics
-from minimrcnn.engine.schedule import BudgetPlanner, lr_factor, stretch_warmup, synchronize
+from minimrcnn.engine.schedule import BudgetPlanner, lr_factor, stretch_warmup
 
 LOG_PERIOD = 20  # iterations between loss read-backs (each one waits for the device)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -180,6 +178,44 @@ def _class_info(dataset) -> dict:
 # ---------------------------------------------------------------- the loop
 
 
+def train_step(model, batches, optimizer, scaler, autocast, trainable, config: Config, iteration: int,
+               rank: int, device) -> tuple[torch.Tensor, list[str]]:
+    """One optimizer step over ``grad_accum_steps`` micro-batches; returns the losses [L] and names.
+
+    The losses stay on the device (no sync); they are read back every ``log_period`` iterations.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    summed = None
+    for micro_step in range(config.grad_accum_steps):
+        images, targets = _to_device(*next(batches), device)
+        # The model's random choices (anchor and RoI sampling) depend only on the position in training.
+        torch.manual_seed(distrib.mix_seed(config.seed, iteration, rank * config.grad_accum_steps + micro_step))
+        last_micro = micro_step == config.grad_accum_steps - 1
+        # Under DDP, gradients are all-reduced only after the last micro-batch.
+        sync = model.no_sync() if hasattr(model, "no_sync") and not last_micro else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                try:
+                    losses = model(images, targets)
+                except FloatingPointError as exc:  # the model's own check: add where it happened
+                    raise FloatingPointError(f"iteration {iteration}: {exc}") from exc
+            names = [n for n in LOSS_NAMES if n in losses] + sorted(n for n in losses if n not in LOSS_NAMES)
+            total = sum(losses[n] for n in names) / config.grad_accum_steps
+            (scaler.scale(total) if scaler is not None else total).backward()
+        stacked = torch.stack([losses[n].detach().float() for n in names])  # [L]
+        summed = stacked if summed is None else summed + stacked
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+    return summed / config.grad_accum_steps, names
+
+
 def train(config: Config | None, out_dir, train_images=None, train_annotations=None, val_images=None,
           val_annotations=None, data_root="data/shapes", time_budget_minutes: float | None = None,
           resume: bool = False, device=None, max_iter: int | None = None, evaluate: bool = True,
@@ -280,7 +316,6 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
 
     bar = tqdm(total=max_iter, initial=start_iter, disable=not (progress and info.is_main),
                desc="train", dynamic_ncols=True)
-    loss_names = None
     window: list[torch.Tensor] = []
     window_start = start_iter
     planner = BudgetPlanner(budget_seconds, call_start, device, model, val_dataset) \
@@ -297,40 +332,11 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
                                             config.lr_schedule, config.lr_steps, config.lr_gamma)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            iteration_losses = None
-            for micro_step in range(config.grad_accum_steps):
-                images, targets = _to_device(*next(batches), device)
-                torch.manual_seed(distrib.mix_seed(
-                    config.seed, iteration, info.rank * config.grad_accum_steps + micro_step))
-                last_micro = micro_step == config.grad_accum_steps - 1
-                sync = contextlib.nullcontext() if last_micro or ddp_model is model else ddp_model.no_sync()
-                with sync:
-                    with autocast:
-                        try:
-                            losses = ddp_model(images, targets)
-                        except FloatingPointError as exc:  # the model's own check: add where
-                            raise FloatingPointError(f"iteration {iteration}: {exc}") from exc
-                    if loss_names is None:
-                        loss_names = [n for n in LOSS_NAMES if n in losses] + \
-                            sorted(n for n in losses if n not in LOSS_NAMES)
-                    stacked = torch.stack([losses[n].detach().float() for n in loss_names])
-                    total = sum(losses[n] for n in loss_names) / config.grad_accum_steps
-                    (scaler.scale(total) if scaler is not None else total).backward()
-                iteration_losses = stacked if iteration_losses is None else iteration_losses + stacked
-            iteration_losses = iteration_losses / config.grad_accum_steps
+            iteration_losses, loss_names = train_step(ddp_model, batches, optimizer, scaler, autocast,
+                                                      trainable, config, iteration, info.rank, device)
             window.append(iteration_losses)
             if device.type == "cpu":  # free on CPU: stop at the very iteration that failed
                 _raise_if_nonfinite(iteration_losses[None], iteration, loss_names)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
             iteration += 1
             bar.update(1)
 
@@ -346,7 +352,8 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
                 rows = torch.stack(window)
                 _raise_if_nonfinite(rows, window_start, loss_names)
                 means = rows.mean(dim=0).tolist()
-                record = {"iteration": iteration, "lr": lr, "time": round(loop_seconds(), 3),
+                record = {"iteration": iteration, "lr": lr,
+                          "time": round(train_seconds_before + loop_seconds(), 3),
                           "loss": sum(means), **dict(zip(loss_names, means))}
                 if writer is not None:
                     writer.write(record)
@@ -359,6 +366,7 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
                 save(last_path, iteration)
     finally:
         bar.close()
+        batches = None  # shuts down loader workers, which would otherwise prefetch forever
         if writer is not None:
             writer.close()
 
