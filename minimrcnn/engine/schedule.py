@@ -102,7 +102,9 @@ def _slowest(*values: float) -> tuple[float, ...]:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values
-    tensor = torch.tensor(values, dtype=torch.float64)
+    # NCCL reduces GPU tensors only; gloo takes CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tuple(tensor.tolist())
 
