@@ -127,3 +127,21 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     initial = build_model(single).state_dict()
     moved = [name for name in one if one[name].is_floating_point() and not torch.equal(initial[name], one[name])]
     assert len(moved) > len(one) // 2
+
+
+def test_two_processes_agree_on_a_time_budget(tmp_path, tiny_shapes):
+    """Each process measures its own speed and clock; the plan must still be the same on both,
+    or one would wait forever in an all-reduce the other never joins (gloo reports a mismatch)."""
+    config_file = tmp_path / "budget.json"
+    config_file.write_text(json.dumps({**TINY_OVERRIDES, "max_iter": 1000, "warmup_iters": 10}))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "minimrcnn", "train", "--config", str(config_file), "--out", str(tmp_path / "run"),
+               "--data", str(tiny_shapes), "--device", "cpu", "--time-budget", "0.3"]
+    finished = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                              text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    saved = load_checkpoint(tmp_path / "run" / "last.pth")
+    assert saved["iteration"] == saved["max_iter"] < 1000
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["world_size"] == 2 and summary["iterations"] == saved["max_iter"]
+    assert set(summary["segm"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}  # evaluated on both shards

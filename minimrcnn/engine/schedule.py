@@ -173,9 +173,10 @@ class BudgetPlanner:
             seconds_per_iter = (now - self.call_start) / done
         num_val = len(self.val_dataset) if self.val_dataset is not None else 0
         eval_seconds = estimate_eval_seconds(self.model, self.val_dataset, self.device, num_val)
-        seconds_per_iter, eval_seconds = _slowest(seconds_per_iter, eval_seconds)
-        new_max = iterations_within_budget(iteration, time.perf_counter() - self.call_start,
-                                           seconds_per_iter, self.budget_seconds,
+        elapsed = time.perf_counter() - self.call_start
+        # Every input of the plan is agreed on, so every process computes the same max_iter.
+        seconds_per_iter, eval_seconds, elapsed = _slowest(seconds_per_iter, eval_seconds, elapsed)
+        new_max = iterations_within_budget(iteration, elapsed, seconds_per_iter, self.budget_seconds,
                                            eval_seconds + FINAL_RESERVE_SECONDS)
         is_first = not planned
         self.has_planned = True

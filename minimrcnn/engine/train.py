@@ -28,9 +28,11 @@ from minimrcnn.config import Config, get_config
 from minimrcnn.engine import checkpoint as ckpt
 from minimrcnn.engine import distributed as distrib
 from minimrcnn.engine.logging import LOSS_NAMES, MetricsWriter, plot_loss_curve, read_metrics
-from minimrcnn.engine.schedule import BudgetPlanner, lr_factor, stretch_warmup
+from minimrcnn.engine.schedule import (CALIBRATION_ITERS, CALIBRATION_SKIP, BudgetPlanner, lr_factor,
+                                       stretch_warmup)
 
 LOG_PERIOD = 20  # iterations between loss read-backs (each one waits for the device)
+MIN_PROVISIONAL_ITERS = CALIBRATION_SKIP + CALIBRATION_ITERS + 1
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -288,6 +290,8 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
         max_iter = max_iter if max_iter is not None else config.max_iter
         warmup_iters = stretch_warmup(config.warmup_iters, config.max_iter, max_iter)
         budget_seconds = time_budget_minutes * 60.0 if time_budget_minutes is not None else None
+        if budget_seconds is not None:  # a provisional length that outlasts the speed measurement
+            max_iter = max(max_iter, MIN_PROVISIONAL_ITERS)
     if max_iter <= 0:
         raise ValueError(f"max_iter: expected a positive number of iterations, got {max_iter}")
     class_info = _class_info(train_dataset)
