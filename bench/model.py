@@ -145,26 +145,44 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-def machine_description(device) -> str:
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description(device, note: str = "") -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+        described = torch.cuda.get_device_name(device)
+    else:
+        described = f"{cpu_name()}, {torch.get_num_threads()} torch threads"
+    return f"{described}, {note}" if note else described
 
 
-def append_results(table: str, command: str, device) -> None:
-    """Insert a dated entry at the end of the "## Model" section of bench/RESULTS.md."""
+def append_results(table: str, command: str, device, path: Path = RESULTS, note: str = "") -> None:
+    """Add a dated entry at the end of the "## Model" section of ``path`` (bench/RESULTS.md)."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    entry = (f"\n### {stamp} — {machine_description(device)}\n\n`{command}` "
+    entry = (f"### {stamp} — {machine_description(device, note)}\n\n`{command}` "
              f"(torch {torch.__version__})\n\n{table}\n")
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    insert_entry(entry, path)
+
+
+def insert_entry(entry: str, path: Path = RESULTS) -> None:
+    """Insert ``entry`` (markdown) at the end of the "## Model" section, creating what is missing;
+    other sections of the file are left as they are."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
     if SECTION not in text:
         text = text.rstrip("\n") + f"\n\n{SECTION}\n\nTraining iterations/s (forward + backward + SGD step) " \
             "and inference images/s of the whole model (bench/model.py).\n"
     start = text.index(SECTION) + len(SECTION)
     next_section = text.find("\n## ", start)
     end = len(text) if next_section < 0 else next_section
-    text = text[:end].rstrip("\n") + "\n" + entry + text[end:]
-    RESULTS.write_text(text)
+    text = text[:end].rstrip("\n") + "\n\n" + entry.strip("\n") + "\n" + text[end:]
+    path.write_text(text)
 
 
 def main(argv=None):
@@ -177,6 +195,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="file for --append")
+    parser.add_argument("--note", default="", help="a remark appended to the machine description")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -189,11 +209,11 @@ def main(argv=None):
         rows.append(bench_config(name, device, args.iters, args.warmup, args.batch_size))
         print(format_table(rows[-1:]), flush=True)
     table = format_table(rows)
-    print(f"\n{machine_description(device)}\n{table}")
+    print(f"\n{machine_description(device, args.note)}\n{table}")
     if args.append:
         import sys
 
-        append_results(table, "python " + " ".join(["bench/model.py", *sys.argv[1:]]), device)
+        append_results(table, "python " + " ".join(["bench/model.py", *sys.argv[1:]]), device, args.results, args.note)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def test_sampling_without_ground_truth_is_all_background():
 
 
 @pytest.mark.parametrize("changes", [{}, {"mask_loss": "softmax", "mask_head": "mlp", "roi_op": "pool"},
-                                     {"mask_resolution": 14, "box_loss": "smooth_l1"}])
+                                     {"mask_resolution": 28, "box_loss": "smooth_l1"}])
 def test_losses_are_finite_and_reach_every_head(changes):
     torch.manual_seed(0)
     heads = RoIHeads(tiny_config(**changes), CHANNELS)
@@ -136,5 +136,5 @@ def test_inference_output_shapes_and_types():
     for detection in detections:
         count = len(detection["boxes"])
         assert detection["scores"].shape == (count,) and detection["labels"].dtype == torch.int64
-        assert detection["mask_probs"].shape == (count, 28, 28)
+        assert detection["mask_probs"].shape == (count, heads.mask_resolution, heads.mask_resolution)
         assert bool(((detection["labels"] >= 1) & (detection["labels"] <= 4)).all())

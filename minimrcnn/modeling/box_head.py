@@ -85,6 +85,8 @@ def box_head_losses(
         # Keep the graph connected so backward() still works on an empty batch.
         zero = class_logits.sum() * 0.0 + box_deltas.sum() * 0.0
         return {"loss_classifier": zero, "loss_box": zero}
+    # Losses in float32 even when the head ran under autocast.
+    class_logits, box_deltas = class_logits.float(), box_deltas.float()
     loss_classifier = F.cross_entropy(class_logits, gt_classes)
     foreground = torch.nonzero(gt_classes > 0).squeeze(1)
     pred_deltas = select_class_deltas(box_deltas[foreground], gt_classes[foreground])

@@ -116,7 +116,8 @@ def mask_loss(
     if loss_type not in MASK_LOSSES:
         raise ValueError(f"mask_loss must be one of {MASK_LOSSES}, got {loss_type!r}")
     if gt_classes.numel() == 0:
-        return mask_logits.sum() * 0.0
+        return mask_logits.sum().float() * 0.0
+    mask_logits = mask_logits.float()  # float32 loss even under autocast
     if loss_type == "sigmoid":
         gt_class_logits = select_class_channel(mask_logits, gt_classes)
         return F.binary_cross_entropy_with_logits(gt_class_logits, mask_targets.to(gt_class_logits.dtype))

@@ -138,6 +138,9 @@ class RoIHeads(nn.Module):
         """
         num_per_image = [len(p) for p in proposals]
         num_things = self.num_classes - 1
+        # Under autocast the heads answer in bf16/fp16: decode boxes in float32 (bf16 keeps
+        # only 8 bits of mantissa, i.e. whole pixels of error on large images).
+        class_logits, box_deltas = class_logits.float(), box_deltas.float()
         scores = class_logits.softmax(dim=1)[:, 1:]  # (R, K+1) -> (R, K): drop background
         boxes = self.box_coder.decode(box_deltas, torch.cat(proposals))
         boxes = boxes.reshape(-1, num_things, 4)  # (R, 4K) -> (R, K, 4)
@@ -171,7 +174,7 @@ class RoIHeads(nn.Module):
         rois = boxes_to_rois([d["boxes"] for d in detections])
         labels = torch.cat([d["labels"] for d in detections])
         mask_logits = self.mask_head(self.mask_pooler(features, rois))
-        probs = mask_probabilities(mask_logits, labels, self.mask_loss)
+        probs = mask_probabilities(mask_logits.float(), labels, self.mask_loss)
         for detection, image_probs in zip(detections, probs.split([len(d["boxes"]) for d in detections])):
             detection["mask_probs"] = image_probs
 
