@@ -199,3 +199,20 @@ def test_time_budget_sets_and_stores_max_iter(tmp_path, tiny_shapes, monkeypatch
     assert saved["max_iter"] == saved["iteration"] == summary["iterations"]
     # The warm-up shrank with the run: 100 of 1000 iterations became about a tenth of the run.
     assert 1 <= saved["scheduler"]["warmup_iters"] < 100
+
+
+def test_bad_arguments_are_named(tmp_path, tiny_shapes):
+    with pytest.raises(ValueError, match="train_images and train_annotations"):
+        train_module.dataset_paths(train_images=tiny_shapes / "images")
+    with pytest.raises(ValueError, match="val_annotations: .*missing.json does not exist"):
+        train_module.dataset_paths(val_images=tiny_shapes / "images", val_annotations=tmp_path / "missing.json",
+                                   data_root=tiny_shapes)
+    with pytest.raises(ValueError, match="config.amp"):
+        train_module.autocast_for(tiny_config(amp="fp8"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="batch_size=3 must divide evenly"):
+        run(tiny_config(batch_size=3, grad_accum_steps=2), tmp_path, tiny_shapes)
+    with pytest.raises(FileNotFoundError, match="last.pth"):
+        run(tiny_config(), tmp_path / "nothing_here", tiny_shapes, resume=True)
+    # Any COCO-format dataset: the shapes files given explicitly work like the default.
+    paths = train_module.dataset_paths(tiny_shapes / "images", tiny_shapes / "annotations/instances_train.json")
+    assert paths["val_images"] is None and paths["train_annotations"].name == "instances_train.json"
