@@ -8,7 +8,8 @@ Case (the issue's): features [2, 256, 64, 64] (a stride-4 map of a 256x256 image
 512 RoIs with random centres and sides of 16..128 image pixels, outputs 7x7 and
 14x14, sampling_ratio 2, aligned. Every number in one table comes from one run,
 so ratios compare like with like. Times are the minimum over --repeat runs after
-one warm-up (the minimum is the least disturbed by other work on the machine).
+one warm-up (the minimum is the least disturbed by other work on the machine), and
+the backends take turns within each run.
 Backward is timed alone: a fresh untimed forward, then output.backward(grad).
 """
 
@@ -60,27 +61,33 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def time_forward_backward(fn, features, rois, repeat, device):
-    """(forward ms, backward ms), each the minimum over `repeat` runs after a warm-up."""
-    leaf = features.clone().requires_grad_()
+def time_forward_backward(fns, features, rois, repeat, device):
+    """{name: (forward ms, backward ms)}, each the minimum over `repeat` runs after a warm-up.
+
+    The backends take turns within each run, so that a burst of other work on
+    the machine slows them alike instead of one of them.
+    """
+    leaves = {name: features.clone().requires_grad_() for name in fns}
     grad = None
-    forward_times, backward_times = [], []
+    times = {name: ([], []) for name in fns}
     for run in range(repeat + 1):
-        leaf.grad = None
-        synchronize(device)
-        start = time.perf_counter()
-        output = fn(leaf, rois)
-        synchronize(device)
-        middle = time.perf_counter()
-        if grad is None:
-            grad = torch.randn(output.shape, generator=torch.Generator().manual_seed(1)).to(device)
-        output.backward(grad)
-        synchronize(device)
-        end = time.perf_counter()
-        if run > 0:
-            forward_times.append(middle - start)
-            backward_times.append(end - middle)
-    return 1e3 * min(forward_times), 1e3 * min(backward_times)
+        for name, fn in fns.items():
+            leaf = leaves[name]
+            leaf.grad = None
+            synchronize(device)
+            start = time.perf_counter()
+            output = fn(leaf, rois)
+            synchronize(device)
+            middle = time.perf_counter()
+            if grad is None:
+                grad = torch.randn(output.shape, generator=torch.Generator().manual_seed(1)).to(device)
+            output.backward(grad)
+            synchronize(device)
+            end = time.perf_counter()
+            if run > 0:
+                times[name][0].append(middle - start)
+                times[name][1].append(end - middle)
+    return {name: (1e3 * min(forward), 1e3 * min(backward)) for name, (forward, backward) in times.items()}
 
 
 def print_table(rows, baseline):
@@ -99,8 +106,8 @@ def run_benchmark(device, backends, repeat, case_kwargs, sizes):
     rows = []
     for op in ("roi_align", "roi_pool"):
         for size in sizes:
-            results = {name: time_forward_backward(op_call(op, name, size), features, rois, repeat, device)
-                       for name in backends}
+            fns = {name: op_call(op, name, size) for name in backends}
+            results = time_forward_backward(fns, features, rois, repeat, device)
             for phase_index, phase in enumerate(("forward", "backward")):
                 rows.append((op, size, phase, {name: results[name][phase_index] for name in backends}))
     return rows
@@ -130,7 +137,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--check", action="store_true", help="compare CUDA results with numba CPU results")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
     sizes = (7, 14)
     case = dict(num_images=2, channels=256, size=64, num_rois=512)
@@ -161,7 +168,7 @@ def main():
     print(f"\nNumPy reference backend (slow by design) on a small case: features [{small['num_images']}, "
           f"{small['channels']}, {small['size']}, {small['size']}], {small['num_rois']} RoIs "
           "(ratio = reference / numba)")
-    rows = run_benchmark("cpu", ["reference", "numba"], 1, small, sizes)
+    rows = run_benchmark("cpu", ["reference", "numba"], 2, small, sizes)
     for op, size, phase, times in rows:
         print(f"{op:<10} {size:>4}x{size:<1} {phase:<8} reference {times['reference']:>9.1f}ms  "
               f"numba {times['numba']:>7.2f}ms  ratio {times['reference'] / times['numba']:>8.0f}")

@@ -240,3 +240,34 @@ def test_shared_helper_is_the_bilinear_rule():
     assert interp(4.5, 5) == (4, 4, 1.0, 0.0)
     assert interp(float("nan"), 5) == (0, 0, 0.0, 0.0)
     assert roi_align_module._interp_cpu(2.25, 5) == (2, 3, 0.75, 0.25)
+
+
+def test_cuda_kernels_compile_for_a_real_gpu(monkeypatch):
+    # The simulator runs the kernels as Python, so it cannot catch what the real CUDA target
+    # rejects (it rejected max(a, b) in device code once). Compiling to PTX needs only NVVM
+    # from a CUDA toolkit, no GPU: run where one is installed (e.g. CUDA_HOME set).
+    from numba import cuda, types
+    from numba.cuda import dispatcher
+    from numba.cuda.cudadrv import nvvm
+
+    try:
+        nvvm.NVVM()
+    except Exception as error:  # NvvmSupportError and friends
+        pytest.skip(f"no NVVM here: {str(error).splitlines()[0]}")
+    monkeypatch.setattr(dispatcher, "get_current_device", lambda: _FakeDevice())  # device functions ask for it
+    roi_pool_module = importlib.import_module("minimrcnn.ops.roi_pool")
+    for dtype in (types.float32, types.float64):
+        features, rois, argmax = types.Array(dtype, 4, "A"), types.Array(dtype, 2, "A"), types.Array(types.int64, 4, "A")
+        align_args = (features, rois, types.float64, types.int64, types.boolean, features)
+        for kernel, args in (
+            (roi_align_module._forward_cuda, align_args),
+            (roi_align_module._backward_cuda, align_args),
+            (roi_pool_module._forward_cuda, (features, rois, types.float64, features, argmax)),
+            (roi_pool_module._backward_cuda, (features, rois, argmax, features)),
+        ):
+            ptx, _ = cuda.compile_ptx(kernel.py_func, types.void(*args), cc=(9, 0))
+            assert ".entry" in ptx
+
+
+class _FakeDevice:
+    compute_capability = (9, 0)

@@ -164,12 +164,13 @@ def roi_geometry(roi_x1, roi_y1, roi_x2, roi_y2, pooled_h, pooled_w, spatial_sca
     start_y = roi_y1 * spatial_scale - offset
     roi_w = roi_x2 * spatial_scale - offset - start_x
     roi_h = roi_y2 * spatial_scale - offset - start_y
+    # (conditional expressions rather than max(): numba's CUDA target rejects max(a, b))
     if not aligned:
-        roi_w = max(roi_w, 1.0)
-        roi_h = max(roi_h, 1.0)
+        roi_w = roi_w if roi_w > 1.0 else 1.0
+        roi_h = roi_h if roi_h > 1.0 else 1.0
     grid_h = sampling_ratio if sampling_ratio > 0 else int(math.ceil(roi_h / pooled_h))
     grid_w = sampling_ratio if sampling_ratio > 0 else int(math.ceil(roi_w / pooled_w))
-    count = max(grid_h * grid_w, 1)
+    count = grid_h * grid_w if grid_h * grid_w > 1 else 1
     return start_y, start_x, roi_h / pooled_h, roi_w / pooled_w, grid_h, grid_w, count
 
 

@@ -121,14 +121,17 @@ def quantize_roi_axis(coord_start, coord_end, spatial_scale):
     scaled_end = coord_end * spatial_scale
     first = math.floor(scaled_start + 0.5) if scaled_start >= 0 else -math.floor(-scaled_start + 0.5)
     last = math.floor(scaled_end + 0.5) if scaled_end >= 0 else -math.floor(-scaled_end + 0.5)
-    return int(first), max(int(last) - int(first) + 1, 1)
+    size = int(last) - int(first) + 1
+    return int(first), size if size > 1 else 1  # (not max(): numba's CUDA target rejects max(a, b))
 
 
 def bin_range(p, roi_first, roi_size, pooled, limit):
     """Pixels [lo, hi) of bin p of a quantized RoI along one axis, clipped to [0, limit]."""
     bin_size = roi_size / pooled
-    lo = min(max(int(math.floor(p * bin_size)) + roi_first, 0), limit)
-    hi = min(max(int(math.ceil((p + 1) * bin_size)) + roi_first, 0), limit)
+    lo = int(math.floor(p * bin_size)) + roi_first
+    hi = int(math.ceil((p + 1) * bin_size)) + roi_first
+    lo = 0 if lo < 0 else (limit if lo > limit else lo)
+    hi = 0 if hi < 0 else (limit if hi > limit else hi)
     return lo, hi
 
 
