@@ -104,9 +104,17 @@ class SeededSamples(torch.utils.data.Dataset):
         image, target = self.dataset[index]
         if self.transform is None:
             return image, target
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # the transforms draw from torch's CPU generator
+            torch.default_generator.manual_seed(seed)
             return self.transform(image, target)
+
+
+def seed_generators(seed: int, device: torch.device) -> None:
+    """Seed the CPU generator and, on a GPU, that GPU's (``torch.manual_seed`` also visits every
+    other backend and costs a hundred times more)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
 
 
 def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.SGD:
@@ -191,7 +199,8 @@ def train_step(model, batches, optimizer, scaler, autocast, trainable, config: C
     for micro_step in range(config.grad_accum_steps):
         images, targets = _to_device(*next(batches), device)
         # The model's random choices (anchor and RoI sampling) depend only on the position in training.
-        torch.manual_seed(distrib.mix_seed(config.seed, iteration, rank * config.grad_accum_steps + micro_step))
+        seed_generators(distrib.mix_seed(config.seed, iteration, rank * config.grad_accum_steps + micro_step),
+                        device)
         last_micro = micro_step == config.grad_accum_steps - 1
         # Under DDP, gradients are all-reduced only after the last micro-batch.
         sync = model.no_sync() if hasattr(model, "no_sync") and not last_micro else contextlib.nullcontext()
