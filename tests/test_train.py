@@ -1,5 +1,6 @@
 """The training loop: seeded reproducibility, exact resume, NaN handling, outputs, time budgets."""
 
+import contextlib
 import dataclasses
 import json
 
@@ -216,3 +217,30 @@ def test_bad_arguments_are_named(tmp_path, tiny_shapes):
     # Any COCO-format dataset: the shapes files given explicitly work like the default.
     paths = train_module.dataset_paths(tiny_shapes / "images", tiny_shapes / "annotations/instances_train.json")
     assert paths["val_images"] is None and paths["train_annotations"].name == "instances_train.json"
+
+
+def test_fp16_grad_scaler_path_matches_plain_step(tiny_shapes):
+    """The GradScaler branch of a step (scale, unscale before clipping, step, update) gives the
+    plain step's weights: the scale is a power of two, so scaling and unscaling are exact.
+    (Autocast itself needs CUDA; the scaler's bookkeeping runs on CPU too.)"""
+    from minimrcnn.data import CocoInstances
+    from minimrcnn.engine.distributed import InfiniteBatchSampler
+
+    config = tiny_config(batch_size=4, grad_accum_steps=2, grad_clip=0.5)
+    dataset = CocoInstances(tiny_shapes / "images", tiny_shapes / "annotations/instances_train.json")
+    results = []
+    for scaler in (None, torch.amp.GradScaler("cpu")):
+        torch.manual_seed(0)
+        model = StandInModel(config)
+        optimizer = train_module.build_optimizer(model, config)
+        sampler = InfiniteBatchSampler(len(dataset), config.batch_size, config.seed, accum_steps=2)
+        batches = iter(train_module.build_train_loader(dataset, config, sampler, torch.device("cpu")))
+        for iteration in range(2):
+            losses, names = train_module.train_step(model, batches, optimizer, scaler, contextlib.nullcontext(),
+                                                    list(model.parameters()), config, iteration, 0,
+                                                    torch.device("cpu"))
+        results.append((model.state_dict(), losses))
+    (plain, plain_losses), (scaled, scaled_losses) = results
+    assert names == list(LOSS_NAMES)
+    assert torch.equal(plain_losses, scaled_losses)
+    assert_same_weights(plain, scaled)
