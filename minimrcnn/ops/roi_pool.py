@@ -37,6 +37,7 @@ from minimrcnn.ops._validate import (
 
 FLT_MAX = float(np.finfo(np.float32).max)  # the max starts here, as in the C++ kernel
 NO_ARGMAX = -1
+ARGMAX_DTYPE = torch.int32  # row * W + col; int32 like torchvision: half the memory of int64
 
 # ---------------------------------------------------------------------------
 # 1. NumPy reference.
@@ -141,88 +142,109 @@ _quantize_cuda = cuda.jit(device=True)(quantize_roi_axis)
 _bin_range_cuda = cuda.jit(device=True)(bin_range)
 
 # ---------------------------------------------------------------------------
-# 3. Numba CPU kernels on [N, C, H, W] (a bin scans whole rows of one channel).
+# 3. Numba CPU kernels. The forward reads the map channels-last ([N, H, W, C]) so
+#    that the max runs over contiguous channels (SIMD compare-and-select), with
+#    the bin bounds computed once per RoI; the backward is race-free.
 # ---------------------------------------------------------------------------
 
-CHANNEL_BLOCK = 16  # channels per task; bin bounds are computed once per task
+BACKWARD_CHANNEL_BLOCK = 16  # channels per backward task (image, channel block)
 # Unsigned flat indices: Numba wraps negative signed indices around (a[-1]), and
-# those checks cost more than the max itself in these loops.
+# that check keeps the inner loops from vectorizing.
 _unsigned = np.uint64
 
 
 @numba.njit(parallel=True, cache=True)
-def _forward_cpu(features, rois, spatial_scale, output, argmax):
-    """features: [N, C, H, W] contiguous; rois: [K, 5] float64; output, argmax: [K, C, ph, pw] (written)."""
-    channels, height, width = features.shape[1], features.shape[2], features.shape[3]
+def _forward_cpu(features_nhwc, rois, rois_by_image, spatial_scale, output, argmax):
+    """features_nhwc: [N, H, W, C] contiguous; rois: [K, 5] float64; output, argmax: [K, C, ph, pw] (written)."""
+    height, width, channels = features_nhwc.shape[1], features_nhwc.shape[2], features_nhwc.shape[3]
     pooled_h, pooled_w = output.shape[2], output.shape[3]
-    flat, out_flat, argmax_flat = features.reshape(-1), output.reshape(-1), argmax.reshape(-1)
-    num_blocks = (channels + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
-    for task in numba.prange(rois.shape[0] * num_blocks):  # task = (RoI, channel block)
-        k, c0 = task // num_blocks, (task % num_blocks) * CHANNEL_BLOCK
+    num_bins = pooled_h * pooled_w
+    flat, out_flat, argmax_flat = features_nhwc.reshape(-1), output.reshape(-1), argmax.reshape(-1)
+    for task in numba.prange(rois.shape[0]):  # RoIs grouped by image, so neighbours share cache
+        k = rois_by_image[task]
         b = int(rois[k, 0])
         first_x, size_x = _quantize_cpu(rois[k, 1], rois[k, 3], spatial_scale)
         first_y, size_y = _quantize_cpu(rois[k, 2], rois[k, 4], spatial_scale)
-        rows = np.empty((pooled_h, 2), np.int64)
-        cols = np.empty((pooled_w, 2), np.int64)
+        best = np.empty((num_bins, channels), output.dtype)  # [ph*pw, C]
+        best_index = np.empty((num_bins, channels), argmax.dtype)
         for py in range(pooled_h):
-            rows[py, 0], rows[py, 1] = _bin_range_cpu(py, first_y, size_y, pooled_h, height)
-        for px in range(pooled_w):
-            cols[px, 0], cols[px, 1] = _bin_range_cpu(px, first_x, size_x, pooled_w, width)
-        for c in range(c0, min(c0 + CHANNEL_BLOCK, channels)):
-            plane = _unsigned((b * channels + c) * height * width)
-            cell = _unsigned((k * channels + c) * pooled_h * pooled_w)
-            for py in range(pooled_h):
-                for px in range(pooled_w):
-                    best, best_index = -FLT_MAX, NO_ARGMAX
-                    if rows[py, 1] <= rows[py, 0] or cols[px, 1] <= cols[px, 0]:
-                        best = 0.0  # empty bin
-                    for row in range(_unsigned(rows[py, 0]), _unsigned(rows[py, 1])):
-                        for col in range(_unsigned(cols[px, 0]), _unsigned(cols[px, 1])):
-                            value = flat[plane + row * _unsigned(width) + col]
-                            if value > best:  # strict: the first maximum wins ties
-                                best, best_index = value, int(row * _unsigned(width) + col)
-                    out_flat[cell] = best
-                    argmax_flat[cell] = best_index
-                    cell += _unsigned(1)
+            row_start, row_end = _bin_range_cpu(py, first_y, size_y, pooled_h, height)
+            for px in range(pooled_w):
+                col_start, col_end = _bin_range_cpu(px, first_x, size_x, pooled_w, width)
+                top, top_index = best[py * pooled_w + px], best_index[py * pooled_w + px]
+                empty = row_end <= row_start or col_end <= col_start
+                top[:] = 0.0 if empty else -FLT_MAX
+                top_index[:] = NO_ARGMAX
+                for row in range(row_start, row_end):
+                    for col in range(col_start, col_end):
+                        pixel = row * width + col
+                        start = _unsigned(((b * height + row) * width + col) * channels)
+                        for c in range(_unsigned(channels)):
+                            value = flat[start + c]
+                            better = value > top[c]  # strict: the first maximum wins ties
+                            top[c] = value if better else top[c]
+                            top_index[c] = pixel if better else top_index[c]
+        first = _unsigned(k * channels * num_bins)  # [ph*pw, C] -> output[k] ([C, ph, pw])
+        best_flat, index_flat = best.reshape(-1), best_index.reshape(-1)
+        for c in range(_unsigned(channels)):
+            for j in range(_unsigned(num_bins)):
+                out_flat[first + c * _unsigned(num_bins) + j] = best_flat[j * _unsigned(channels) + c]
+                argmax_flat[first + c * _unsigned(num_bins) + j] = index_flat[j * _unsigned(channels) + c]
 
 
 @numba.njit(parallel=True, cache=True)
-def _backward_cpu(grad_output, rois, argmax, grad_features):
-    """Race-free: a task owns one channel of grad_features and visits every RoI for it.
+def _backward_cpu(grad_output, rois_by_image, image_offsets, argmax, grad_features):
+    """grad_output, argmax: [K, C, ph, pw] contiguous; grad_features: [N, C, H, W] zeros.
 
-    grad_output, argmax: [K, C, ph, pw] contiguous; grad_features: [N, C, H, W] zeros.
+    Race-free: a task owns one (image, channel block) slice of grad_features and
+    visits that image's RoIs one after the other.
     """
-    num_rois, channels, pooled_h, pooled_w = grad_output.shape
+    num_images, channels = grad_features.shape[0], grad_features.shape[1]
     plane_size = grad_features.shape[2] * grad_features.shape[3]
-    num_bins = pooled_h * pooled_w
+    num_bins = grad_output.shape[2] * grad_output.shape[3]
     grad_flat, argmax_flat, out_flat = grad_output.reshape(-1), argmax.reshape(-1), grad_features.reshape(-1)
-    for c in numba.prange(channels):
-        for k in range(num_rois):
-            plane = _unsigned((int(rois[k, 0]) * channels + c) * plane_size)
-            cell = _unsigned((k * channels + c) * num_bins)
-            for j in range(_unsigned(num_bins)):
-                index = argmax_flat[cell + j]
-                if index != NO_ARGMAX:
-                    out_flat[plane + _unsigned(index)] += grad_flat[cell + j]
+    num_blocks = (channels + BACKWARD_CHANNEL_BLOCK - 1) // BACKWARD_CHANNEL_BLOCK
+    for task in numba.prange(num_images * num_blocks):
+        n, c0 = task // num_blocks, (task % num_blocks) * BACKWARD_CHANNEL_BLOCK
+        for r in range(image_offsets[n], image_offsets[n + 1]):
+            k = rois_by_image[r]
+            for c in range(c0, min(c0 + BACKWARD_CHANNEL_BLOCK, channels)):
+                plane = _unsigned((n * channels + c) * plane_size)
+                cell = _unsigned((k * channels + c) * num_bins)
+                for j in range(_unsigned(num_bins)):
+                    index = argmax_flat[cell + j]
+                    if index != NO_ARGMAX:
+                        out_flat[plane + _unsigned(index)] += grad_flat[cell + j]
+
+
+def _image_order(rois64, num_images):
+    """RoI indices grouped by image (stable) and the offsets of each image's group."""
+    batch_index = rois64[:, 0].astype(np.int64)
+    rois_by_image = np.argsort(batch_index, kind="stable")
+    return rois_by_image, np.searchsorted(batch_index[rois_by_image], np.arange(num_images + 1)).astype(np.int64)
 
 
 def _numba_forward(features, rois, params):
     (pooled_h, pooled_w), spatial_scale = params
     shape = (rois.shape[0], features.shape[1], pooled_h, pooled_w)
     output = torch.empty(shape, dtype=features.dtype)
-    argmax = torch.empty(shape, dtype=torch.int64)
+    argmax = torch.empty(shape, dtype=ARGMAX_DTYPE)
     if output.numel() > 0:
+        features_nhwc = features.detach().permute(0, 2, 3, 1)
+        if not features_nhwc.is_contiguous():  # free when features are already channels_last
+            features_nhwc = features_nhwc.contiguous()
         rois64 = rois.detach().numpy().astype(np.float64)
-        _forward_cpu(features.detach().contiguous().numpy(), rois64, spatial_scale, output.numpy(), argmax.numpy())
+        rois_by_image, _ = _image_order(rois64, features.shape[0])
+        _forward_cpu(features_nhwc.numpy(), rois64, rois_by_image, spatial_scale, output.numpy(), argmax.numpy())
     return output, argmax
 
 
 def _numba_backward(grad_output, rois, argmax, feature_shape):
     grad_features = torch.zeros(feature_shape, dtype=grad_output.dtype)
     if grad_output.numel() > 0:
-        rois64 = rois.detach().numpy().astype(np.float64)
-        _backward_cpu(grad_output.detach().contiguous().numpy(), rois64, argmax.contiguous().numpy(),
-                      grad_features.numpy())
+        rois_by_image, image_offsets = _image_order(rois.detach().numpy().astype(np.float64), feature_shape[0])
+        _backward_cpu(grad_output.detach().contiguous().numpy(), rois_by_image, image_offsets,
+                      argmax.contiguous().numpy(), grad_features.numpy())
     return grad_features
 
 
@@ -277,7 +299,7 @@ def _cuda_forward(features, rois, params):
     (pooled_h, pooled_w), spatial_scale = params
     shape = (rois.shape[0], features.shape[1], pooled_h, pooled_w)
     output = torch.empty(shape, dtype=features.dtype, device=features.device)
-    argmax = torch.empty(shape, dtype=torch.int64, device=features.device)
+    argmax = torch.empty(shape, dtype=ARGMAX_DTYPE, device=features.device)
     if output.numel() > 0:
         cuda_launch(_forward_cuda, output.numel(), (features.detach(), rois.detach()), (spatial_scale,),
                     (output, argmax), features.device)
@@ -301,7 +323,7 @@ def _cuda_backward(grad_output, rois, argmax, feature_shape):
 
 def _reference_forward(features, rois, params):
     output, argmax = roi_pool_reference(features.detach().numpy(), rois.detach().numpy(), *params)
-    return torch.from_numpy(output).to(features.dtype), torch.from_numpy(argmax)
+    return torch.from_numpy(output).to(features.dtype), torch.from_numpy(argmax).to(ARGMAX_DTYPE)
 
 
 def _reference_backward(grad_output, rois, argmax, feature_shape):
@@ -349,7 +371,7 @@ def roi_pool(features, rois, output_size, spatial_scale=1.0, backend="auto", ret
     output_size: int or (ph, pw)
     spatial_scale: feature map size / input image size
     backend: "auto" (CUDA tensors -> "cuda", CPU -> "numba"), "reference", "numba", "cuda"
-    return_argmax: also return argmax [K, C, ph, pw] int64 (row * W + col, -1 for empty bins)
+    return_argmax: also return argmax [K, C, ph, pw] int32 (row * W + col, -1 for empty bins)
     Returns: [K, C, ph, pw], differentiable w.r.t. features.
     """
     pooled = output_size_pair(output_size)
