@@ -129,7 +129,9 @@ class ResNet(nn.Module):
     ):
         super().__init__()
         if depth not in STAGE_BLOCKS:
-            raise ValueError(f"backbone_depth: {depth!r} not supported; expected one of {sorted(STAGE_BLOCKS)}")
+            raise ValueError(
+                f"backbone_depth: {depth!r} not supported; expected one of {sorted(STAGE_BLOCKS)}"
+            )
         if not isinstance(width, int) or width < 1:
             raise ValueError(f"backbone_width: expected a positive int, got {width!r}")
         if norm not in NORM_KINDS:
@@ -252,7 +254,8 @@ def load_backbone_weights(model: ResNet, path: str | Path) -> ResNet:
     )
     if missing or unexpected or mismatched:
         problems = []
-        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        sections = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        for title, keys in sections:
             if keys:
                 problems.append(f"{title} ({len(keys)}): " + ", ".join(keys))
         raise ValueError(

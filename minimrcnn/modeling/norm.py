@@ -28,7 +28,9 @@ BATCHNORM_EPS = 1e-5  # torchvision's BatchNorm2d default, so ImageNet weights m
 
 
 class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm2d with fixed statistics and affine parameters: ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
+    """BatchNorm2d with fixed statistics and affine parameters.
+
+    ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``.
 
     All four tensors are buffers (never trained, saved in the state dict with the
     same names as ``nn.BatchNorm2d``), so it equals an eval-mode BatchNorm2d.

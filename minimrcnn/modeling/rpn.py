@@ -187,7 +187,8 @@ def find_top_proposals_per_image(
     """
     num_images = len(image_sizes)
     top_boxes, top_logits, top_levels = [], [], []
-    for level, (anchors, logits, deltas) in enumerate(zip(anchors_per_level, objectness_per_level, deltas_per_level)):
+    per_level = zip(anchors_per_level, objectness_per_level, deltas_per_level)
+    for level, (anchors, logits, deltas) in enumerate(per_level):
         num_candidates = min(pre_nms_topk, logits.shape[1])
         level_logits, top_index = logits.topk(num_candidates, dim=1)  # [N, k], [N, k]
         image_index = torch.arange(num_images, device=logits.device)[:, None]  # [N, 1]
@@ -202,7 +203,8 @@ def find_top_proposals_per_image(
     levels_per_image = torch.cat(top_levels, dim=1)  # [N, K]
 
     proposals, proposal_logits = [], []
-    for boxes, logits, levels, image_size in zip(boxes_per_image, logits_per_image, levels_per_image, image_sizes):
+    per_image = zip(boxes_per_image, logits_per_image, levels_per_image, image_sizes)
+    for boxes, logits, levels, image_size in per_image:
         finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(logits)
         boxes, logits, levels = boxes[finite], logits[finite], levels[finite]
         boxes = clip_boxes(boxes, image_size)
@@ -246,16 +248,21 @@ class RPN(nn.Module):
         super().__init__()
         if len(anchor_sizes) != len(strides):
             raise ValueError(
-                f"anchor_sizes: need one size per pyramid level ({len(strides)} levels), got {tuple(anchor_sizes)}"
+                f"anchor_sizes: need one size per pyramid level ({len(strides)} levels), "
+                f"got {tuple(anchor_sizes)}"
             )
         if box_loss not in BOX_LOSSES:
             raise ValueError(f"rpn_box_loss: unknown {box_loss!r}; expected one of {BOX_LOSSES}")
         if not bg_iou_thresh <= fg_iou_thresh:
-            raise ValueError(f"rpn_bg_iou_thresh ({bg_iou_thresh}) must not exceed rpn_fg_iou_thresh ({fg_iou_thresh})")
+            raise ValueError(
+                f"rpn_bg_iou_thresh ({bg_iou_thresh}) must not exceed rpn_fg_iou_thresh ({fg_iou_thresh})"
+            )
         self.anchor_generator = AnchorGenerator(anchor_sizes, aspect_ratios, strides)
         self.head = RPNHead(in_channels, self.anchor_generator.num_anchors_per_cell)
         # Anchors >= fg are objects, < bg background; every object's best anchors count too.
-        self.matcher = Matcher((bg_iou_thresh, fg_iou_thresh), (NEGATIVE, IGNORE, POSITIVE), allow_low_quality_matches=True)
+        self.matcher = Matcher(
+            (bg_iou_thresh, fg_iou_thresh), (NEGATIVE, IGNORE, POSITIVE), allow_low_quality_matches=True
+        )
         self.box_coder = BoxCoder(RPN_BOX_WEIGHTS)
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction
