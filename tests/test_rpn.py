@@ -330,3 +330,13 @@ def test_rpn_overfits_a_tiny_batch():
         proposals, _ = rpn(features, [(64, 64)] * 2)
     for boxes, gt in zip(proposals, gt_boxes):
         assert box_iou(gt, boxes[:10]).max(dim=1).values.min() > 0.6
+
+
+def test_bf16_autocast_keeps_losses_and_proposals_in_float32():
+    torch.manual_seed(0)
+    rpn = small_rpn().train()
+    gt_boxes = [torch.tensor([[4.0, 6.0, 30.0, 40.0]]), torch.zeros(0, 4)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        proposals, losses = rpn(random_features(), [(64, 48)] * 2, gt_boxes)
+    assert all(value.dtype == torch.float32 and torch.isfinite(value) for value in losses.values())
+    assert all(boxes.dtype == torch.float32 for boxes in proposals)

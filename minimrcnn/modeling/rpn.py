@@ -139,10 +139,12 @@ def rpn_losses(
         raise ValueError(f"rpn_box_loss: unknown {box_loss!r}; expected one of {BOX_LOSSES}")
     num_images = objectness_logits.shape[0]
     normalizer = batch_size_per_image * num_images
+    # Losses in float32 even under autocast (bf16 deltas would round the targets).
+    objectness_logits, pred_deltas = objectness_logits.float(), pred_deltas.float()
 
     sampled = sampled_labels >= 0  # [N, R]
     loss_objectness = F.binary_cross_entropy_with_logits(
-        objectness_logits[sampled], sampled_labels[sampled].to(objectness_logits.dtype), reduction="sum"
+        objectness_logits[sampled], sampled_labels[sampled].float(), reduction="sum"
     )
 
     positive = sampled_labels == POSITIVE  # [N, R]
@@ -150,11 +152,9 @@ def rpn_losses(
     target_deltas = box_coder.encode(anchors[anchor_index], matched_gt_boxes[image_index, anchor_index])
     positive_deltas = pred_deltas[image_index, anchor_index]  # [num_positive, 4]
     if box_loss == "l1":
-        loss_box = F.l1_loss(positive_deltas, target_deltas.to(positive_deltas.dtype), reduction="sum")
+        loss_box = F.l1_loss(positive_deltas, target_deltas, reduction="sum")
     else:
-        loss_box = F.smooth_l1_loss(
-            positive_deltas, target_deltas.to(positive_deltas.dtype), beta=SMOOTH_L1_BETA, reduction="sum"
-        )
+        loss_box = F.smooth_l1_loss(positive_deltas, target_deltas, beta=SMOOTH_L1_BETA, reduction="sum")
     return {"loss_objectness": loss_objectness / normalizer, "loss_rpn_box": loss_box / normalizer}
 
 
@@ -275,10 +275,11 @@ class RPN(nn.Module):
     def predict_proposals(self, anchors_per_level, objectness_per_level, deltas_per_level, image_sizes):
         """Proposals and their logits per image, with the train or test top-k of the current mode."""
         mode = 0 if self.training else 1
+        # Decode in float32: under bf16 autocast a box corner near 800 px would round by ~4 px.
         return find_top_proposals_per_image(
             anchors_per_level,
-            [logits.detach() for logits in objectness_per_level],
-            [deltas.detach() for deltas in deltas_per_level],
+            [logits.detach().float() for logits in objectness_per_level],
+            [deltas.detach().float() for deltas in deltas_per_level],
             image_sizes,
             self.box_coder,
             self.pre_nms_topk[mode],
