@@ -121,7 +121,7 @@ def check_cuda_against_numba(case_kwargs, sizes):
         for size in sizes:
             results = {}
             for backend, device in (("numba", "cpu"), ("cuda", "cuda")):
-                leaf = features.to(device).requires_grad_()
+                leaf = features.to(device, copy=True).requires_grad_()
                 output = op_call(op, backend, size)(leaf, rois.to(device))
                 grad = torch.randn(output.shape, generator=torch.Generator().manual_seed(1)).to(device)
                 output.backward(grad)
