@@ -145,3 +145,12 @@ def test_nms_edge_cases():
     assert nms(pair, torch.tensor([1.0, 0.5]), 1 / 3).tolist() == [0, 1]
     degenerate = torch.tensor([[1.0, 1, 1, 1], [1.0, 1, 1, 1]])
     assert nms(degenerate, torch.tensor([1.0, 0.5]), 0.5).tolist() == [0, 1]
+
+
+def test_max_kept_equals_slicing():
+    boxes = random_boxes(200, seed=7)
+    scores = torch.rand(200, generator=torch.Generator().manual_seed(7))
+    classes = torch.randint(0, 3, (200,), generator=torch.Generator().manual_seed(8))
+    full = batched_nms(boxes, scores, classes, 0.5)
+    for limit in (0, 1, 5, len(full), len(full) + 10):
+        assert batched_nms(boxes, scores, classes, 0.5, max_kept=limit).tolist() == full[:limit].tolist()

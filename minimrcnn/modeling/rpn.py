@@ -211,7 +211,7 @@ def find_top_proposals_per_image(
         widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
         large_enough = (widths > min_box_size) & (heights > min_box_size)
         boxes, logits, levels = boxes[large_enough], logits[large_enough], levels[large_enough]
-        keep = batched_nms(boxes, logits, levels, nms_thresh)[:post_nms_topk]  # by decreasing logit
+        keep = batched_nms(boxes, logits, levels, nms_thresh, max_kept=post_nms_topk)  # by decreasing logit
         proposals.append(boxes[keep])
         proposal_logits.append(logits[keep])
     return proposals, proposal_logits
