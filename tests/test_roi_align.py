@@ -151,6 +151,7 @@ def test_cuda_backend_under_simulator():
         assert report[f"roi_align_{name}_forward"] <= TOLERANCE[dtype]
         assert report[f"roi_align_{name}_backward"] <= TOLERANCE[dtype]
     assert report["roi_align_gradcheck"] is True
+    assert report["roi_align_outside_on_inf_map"] == 0.0
 
 
 def test_cuda_backend_on_cpu_tensors_needs_the_simulator():
@@ -176,6 +177,17 @@ def test_rois_wholly_outside_give_zero():
     rois = torch.tensor([[0, 20, 20, 30, 30], [0, -30, -30, -10, -10]], dtype=torch.float32)
     for backend in CPU_BACKENDS:
         assert torch.equal(roi_align(features, rois, 3, backend=backend), torch.zeros(2, 2, 3, 3))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_samples_outside_the_map_do_not_read_it(backend):
+    # an outside sample contributes nothing, not 0 * value: inf/NaN features stay out of the result
+    features = torch.full((1, 1, 5, 5), float("nan"), dtype=torch.float64)
+    features[0, 0, 1:, 1:] = 1.0  # only the first row and column are NaN
+    rois = torch.tensor([[0, -30, -30, -10, -10], [0, 1.5, 1.5, 4, 4]], dtype=torch.float64)
+    output = roi_align(features, rois, 2, 1.0, 2, backend=backend)
+    assert torch.equal(output[0], torch.zeros(1, 2, 2))
+    assert torch.equal(output[1], torch.ones(1, 2, 2))
 
 
 def test_module_wrapper():

@@ -261,9 +261,13 @@ def _forward_cpu(features_nhwc, rois, rois_by_image, pooled_h, pooled_w, spatial
             for px in range(pooled_w):
                 acc = bins[py * pooled_w + px]
                 for iy in range(py * grid_h, (py + 1) * grid_h):
+                    if wy_low[iy] == 0 and wy_high[iy] == 0:
+                        continue  # samples outside the map add nothing (and 0 * inf would be NaN)
                     row_low = (b * height + y_low[iy]) * width
                     row_high = (b * height + y_high[iy]) * width
                     for ix in range(px * grid_w, (px + 1) * grid_w):
+                        if wx_low[ix] == 0 and wx_high[ix] == 0:
+                            continue
                         w_ll, w_lh = wy_low[iy] * wx_low[ix], wy_low[iy] * wx_high[ix]
                         w_hl, w_hh = wy_high[iy] * wx_low[ix], wy_high[iy] * wx_high[ix]
                         i_ll = _unsigned((row_low + x_low[ix]) * channels + c0)
@@ -323,9 +327,13 @@ def _backward_cpu(
                 for px in range(pooled_w):
                     grad = grad_bins[py * pooled_w + px]
                     for iy in range(py * grid_h, (py + 1) * grid_h):
+                        if wy_low[iy] == 0 and wy_high[iy] == 0:
+                            continue  # outside the map: no gradient (and no chain of += 0 on pixel 0)
                         row_low = (n * height + y_low[iy]) * width
                         row_high = (n * height + y_high[iy]) * width
                         for ix in range(px * grid_w, (px + 1) * grid_w):
+                            if wx_low[ix] == 0 and wx_high[ix] == 0:
+                                continue
                             w_ll, w_lh = wy_low[iy] * wx_low[ix], wy_low[iy] * wx_high[ix]
                             w_hl, w_hh = wy_high[iy] * wx_low[ix], wy_high[iy] * wx_high[ix]
                             i_ll = _unsigned((row_low + x_low[ix]) * channels + c0)
@@ -407,10 +415,14 @@ def _forward_cuda(features, rois, spatial_scale, sampling_ratio, aligned, output
         total = 0.0
         for iy in range(grid_h):
             y_low, y_high, wy_low, wy_high = _interp_cuda(start_y + py * bin_h + (iy + 0.5) * bin_h / grid_h, height)
+            if wy_low == 0.0 and wy_high == 0.0:
+                continue  # samples outside the map add nothing (and 0 * inf would be NaN)
             for ix in range(grid_w):
                 x_low, x_high, wx_low, wx_high = _interp_cuda(
                     start_x + px * bin_w + (ix + 0.5) * bin_w / grid_w, width
                 )
+                if wx_low == 0.0 and wx_high == 0.0:
+                    continue
                 total += (
                     wy_low * (wx_low * features[b, c, y_low, x_low] + wx_high * features[b, c, y_low, x_high])
                     + wy_high * (wx_low * features[b, c, y_high, x_low] + wx_high * features[b, c, y_high, x_high])
@@ -626,6 +638,10 @@ def compare_with_reference(backend, seed=0):
             ]
             record(f"roi_pool_{name}_forward", (pooled[0][0] - pooled[1][0]).abs().max())
             record(f"roi_pool_argmax_{name}_mismatches", (pooled[0][1] != pooled[1][1]).sum())
+    # samples outside the map must not even read it: an all-inf map gives 0 there, not NaN
+    infinite = torch.full((2, 2, 5, 6), float("inf"), dtype=torch.float64, device=device)
+    outside = torch.tensor([[0, -30, -30, -10, -10], [1, 40, 2, 60, 4]], dtype=torch.float64, device=device)
+    report["roi_align_outside_on_inf_map"] = float(roi_align(infinite, outside, 2, 1.0, 2, backend=backend).abs().max())
     features = torch.randn(1, 2, 4, 5, generator=generator, dtype=torch.float64).to(device).requires_grad_()
     rois = random_rois(generator, 3, 1, 4, 5, 0.5).to(device)
     report["roi_align_gradcheck"] = torch.autograd.gradcheck(
