@@ -269,7 +269,8 @@ def test_cuda_kernels_compile_for_a_real_gpu(monkeypatch):
     monkeypatch.setattr(dispatcher, "get_current_device", lambda: _FakeDevice())  # device functions ask for it
     roi_pool_module = importlib.import_module("minimrcnn.ops.roi_pool")
     for dtype in (types.float32, types.float64):
-        features, rois, argmax = types.Array(dtype, 4, "A"), types.Array(dtype, 2, "A"), types.Array(types.int32, 4, "A")
+        features, rois = types.Array(dtype, 4, "A"), types.Array(dtype, 2, "A")
+        argmax = types.Array(types.int32, 4, "A")
         align_args = (features, rois, types.float64, types.int64, types.boolean, features)
         for kernel, args in (
             (roi_align_module._forward_cuda, align_args),

@@ -10,11 +10,13 @@ Semantics are torchvision's compiled kernel (also Detectron2's):
     roi size clamped to >= 1 only when not aligned
     bin = roi_size / pooled; samples per bin = sampling_ratio, or ceil(roi_size / pooled) if <= 0
     sample (iy, ix) of bin (py, px) at start + p * bin + (i + 0.5) * bin / grid
-    a sample outside [-1, H] x [-1, W] adds 0; inside, it is clamped to the map and
+    a sample outside [-1, H] x [-1, W] adds 0 (it is not read); inside, it is clamped to the map and
     interpolated bilinearly; each output cell is the mean of its bin's samples.
 
-The file reads top to bottom: NumPy reference (the spec) -> backends -> dispatch
--> autograd function -> public function and nn.Module.
+The file reads top to bottom: 1. NumPy reference (the spec) -> 2. scalar helpers
+shared by CPU and CUDA -> 3. Numba CPU kernels -> 4. numba.cuda kernels -> 5. dispatch
+-> 6. autograd function, public function and nn.Module -> 7. checks of a backend
+against the reference (also of the CUDA kernels under the simulator).
 """
 
 import functools
@@ -226,8 +228,9 @@ def _axis_tables(start, bin_size, grid, pooled, size, dtype_like):
     return low, high, w_low, w_high
 
 
-# Only 'contract' (fused multiply-add) of the fast-math flags: as exact as plain
-# arithmetic and faster; NaN/inf handling and summation order are untouched.
+# Only 'contract' of the fast-math flags: fused multiply-adds (one rounding instead of
+# two, so last-bit differences from unfused arithmetic); NaN/inf handling and the
+# summation order are untouched.
 _FAST = {"contract"}
 # Unsigned indices: Numba wraps negative signed indices around (a[-1]), and that
 # check turns the contiguous inner loop into slow gathers.
@@ -276,7 +279,8 @@ def _forward_cpu(features_nhwc, rois, rois_by_image, pooled_h, pooled_w, spatial
                         i_hh = _unsigned((row_high + x_high[ix]) * channels + c0)
                         for c in range(_unsigned(block)):
                             acc[c] += (
-                                w_ll * flat[i_ll + c] + w_lh * flat[i_lh + c] + w_hl * flat[i_hl + c] + w_hh * flat[i_hh + c]
+                                w_ll * flat[i_ll + c] + w_lh * flat[i_lh + c]
+                                + w_hl * flat[i_hl + c] + w_hh * flat[i_hh + c]
                             )
         # [ph*pw, block] -> output[k, c0:c0+block] ([block, ph, pw]), through flat unsigned indices
         num_bins = _unsigned(pooled_h * pooled_w)

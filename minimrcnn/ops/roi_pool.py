@@ -13,8 +13,9 @@ Semantics are torchvision's compiled kernel:
     pixel in row-major order wins ties; argmax is stored as row * W + col.
 The two roundings (corners, then bins) are what RoIAlign removes: see notebook 01.
 
-The file reads top to bottom: NumPy reference (the spec) -> backends -> dispatch
--> autograd function -> public function and nn.Module.
+The file reads top to bottom: 1. NumPy reference (the spec) -> 2. helpers shared by
+CPU and CUDA -> 3. Numba CPU kernels -> 4. numba.cuda kernels -> 5. dispatch ->
+6. autograd function, public function and nn.Module.
 """
 
 import math
