@@ -28,6 +28,7 @@ FORK_SCRIPT = textwrap.dedent(
     rois = torch.tensor([[0, 1, 1, 9, 9], [0, 3, 2, 15, 12]], dtype=torch.float32)
     expected = roi_align(features, rois, 3, backend="numba")  # a parallel kernel runs in the parent
     print("layer", numba.threading_layer(), flush=True)
+    print("low-occupancy warnings", numba.config.CUDA_LOW_OCCUPANCY_WARNINGS, flush=True)
 
 
     class Crops(Dataset):
@@ -61,6 +62,7 @@ def test_dataloader_workers_run_kernels_after_the_parent_did(tmp_path):
     result = run_python(FORK_SCRIPT, env_without_numba_settings(), tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "layer workqueue" in result.stdout and "workers ok" in result.stdout
+    assert "low-occupancy warnings 0" in result.stdout
 
 
 def test_user_threading_layer_is_respected_and_omp_breaks_forked_workers(tmp_path):

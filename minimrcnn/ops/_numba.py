@@ -1,23 +1,25 @@
 """Numba set-up; imported by the kernel modules before any kernel is compiled.
 
-Two defaults of Numba break ordinary use of this package, so we change them,
+Three defaults of Numba get in the way of ordinary use of this package, so we change them,
 unless the user chose otherwise through Numba's own environment variables:
 
 1. Threading layer. Numba's default picks OpenMP when it can. A process that ran
    a GNU-OpenMP parallel region and then fork()s (what a DataLoader with
    num_workers > 0 does) gets its children killed as soon as they run a parallel
    kernel: "Terminating: fork() called from a process already using GNU
-   OpenMP, this is unsafe." The 'workqueue' layer has no such problem, costs
-   nothing measurable for our kernels, and is always available. (It does not
-   support launching parallel kernels from several Python threads at once.)
+   OpenMP, this is unsafe." The 'workqueue' layer has no such problem and is
+   always available. (It does not support launching parallel kernels from
+   several Python threads at once: Numba aborts if that happens.)
 2. Cache directory. cache=True writes compiled kernels next to the source, in
    the package's __pycache__. In a read-only install (a system site-packages, a
    container image) Numba falls back to ~/.cache, and if that is not writable
    either, importing a module with cache=True kernels raises. We point the
    cache at a writable per-user directory when the package directory is not
    writable.
+3. CUDA low-occupancy warnings. A launch for a few RoIs (mask targets of one image,
+   say) is small by nature; Numba would warn on each one. Turned off.
 
-Both are set in os.environ (so that numba.config.reload_config(), which the
+All are set in os.environ (so that numba.config.reload_config(), which the
 compiler calls and which re-reads every NUMBA_* variable whenever one changed,
 keeps them) and in numba.config for a numba that is already imported.
 """
@@ -62,6 +64,8 @@ def configure():
         cache_dir = choose_cache_dir()
         if cache_dir is not None:
             chosen["NUMBA_CACHE_DIR"] = cache_dir
+    if "NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS" not in os.environ:
+        chosen["NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS"] = "0"
     os.environ.update(chosen)
 
     import numba  # after os.environ: a first import reads the variables itself
@@ -70,6 +74,8 @@ def configure():
         numba.config.THREADING_LAYER = THREADING_LAYER
     if "NUMBA_CACHE_DIR" in chosen:
         numba.config.CACHE_DIR = chosen["NUMBA_CACHE_DIR"]
+    if "NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS" in chosen:
+        numba.config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
     return chosen
 
 
