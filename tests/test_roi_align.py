@@ -152,6 +152,7 @@ def test_cuda_backend_under_simulator():
         assert report[f"roi_align_{name}_backward"] <= TOLERANCE[dtype]
     assert report["roi_align_gradcheck"] is True
     assert report["roi_align_outside_on_inf_map"] == 0.0
+    assert report["empty_rois_ok"] is True
 
 
 def test_cuda_backend_on_cpu_tensors_needs_the_simulator():

@@ -88,16 +88,19 @@ CUDA_MAX_BLOCKS = 65535  # the kernels loop over the grid (grid-stride), so any 
 def cuda_launch(kernel, num_threads, inputs, scalars, outputs, device):
     """Run kernel(*inputs, *scalars, *outputs) over `num_threads` cells.
 
-    CUDA tensors are handed over without copies, through __cuda_array_interface__,
-    and the kernel runs on torch's current stream, so it is ordered with torch's
-    own work. Under the CUDA simulator (CPU tensors) they go as NumPy views.
+    CUDA tensors are handed over without host copies, through __cuda_array_interface__
+    (a non-contiguous input gets one contiguous copy on the device), and the kernel
+    runs on torch's current stream, so it is ordered with torch's own work. Under the
+    CUDA simulator (CPU tensors) they go as NumPy views.
     """
     from numba import cuda
 
     # a small launch gets a small block: the simulator runs every thread, even idle ones
     threads_per_block = min(CUDA_THREADS_PER_BLOCK, num_threads)
     blocks = max(1, min(-(-num_threads // threads_per_block), CUDA_MAX_BLOCKS))
-    tensors = tuple(inputs) + tuple(outputs)
+    # contiguous inputs: the simulator copies only contiguous arrays, and on a GPU the
+    # threads of a warp then read neighbouring addresses (a no-op when already contiguous)
+    tensors = tuple(t.contiguous() for t in inputs) + tuple(outputs)
     if device.type == "cuda":
         import torch
 

@@ -607,8 +607,10 @@ def random_rois(generator, num_rois, num_images, height, width, spatial_scale=1.
 
 def compare_with_reference(backend, seed=0):
     """Max |backend - reference| of both ops' forward and backward over small random cases
-    (sampling_ratio -1/0/2, aligned or not, spatial_scale 1 and 0.25, float32 and float64),
-    and whether gradcheck passes in float64. Returns a dict of plain numbers, bools and the device."""
+    (random_rois' edge cases, sampling_ratio -1/0/2, aligned or not, spatial_scale 1 and
+    0.25, float32 and float64, contiguous and channels_last maps), whether no RoIs and
+    outside samples behave, and whether gradcheck passes in float64.
+    Returns a dict of plain numbers, bools and the device."""
     from minimrcnn.ops.roi_pool import roi_pool
 
     generator = torch.Generator().manual_seed(seed)
@@ -630,7 +632,9 @@ def compare_with_reference(backend, seed=0):
                     outputs, grads = [], []
                     for which, where in ((backend, device), ("reference", "cpu")):
                         leaf = features.to(where, copy=True).requires_grad_()
-                        output = roi_align(leaf, rois.to(where), *args, backend=which)
+                        # half the cases read a non-contiguous (channels_last) map
+                        source = leaf if aligned else leaf.contiguous(memory_format=torch.channels_last)
+                        output = roi_align(source, rois.to(where), *args, backend=which)
                         output.backward(torch.ones_like(output))
                         outputs.append(output.detach().cpu())
                         grads.append(leaf.grad.cpu())
@@ -646,6 +650,14 @@ def compare_with_reference(backend, seed=0):
     infinite = torch.full((2, 2, 5, 6), float("inf"), dtype=torch.float64, device=device)
     outside = torch.tensor([[0, -30, -30, -10, -10], [1, 40, 2, 60, 4]], dtype=torch.float64, device=device)
     report["roi_align_outside_on_inf_map"] = float(roi_align(infinite, outside, 2, 1.0, 2, backend=backend).abs().max())
+    # no RoIs: an empty [0, C, ph, pw] output, and a zero gradient
+    empty_ok = True
+    for op in (roi_align, roi_pool):
+        leaf = torch.ones(1, 2, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+        output = op(leaf, torch.zeros(0, 5, dtype=torch.float64, device=device), (2, 3), backend=backend)
+        output.sum().backward()
+        empty_ok = empty_ok and output.shape == (0, 2, 2, 3) and not leaf.grad.any()
+    report["empty_rois_ok"] = bool(empty_ok)
     features = torch.randn(1, 2, 4, 5, generator=generator, dtype=torch.float64).to(device).requires_grad_()
     rois = random_rois(generator, 3, 1, 4, 5, 0.5).to(device)
     report["roi_align_gradcheck"] = torch.autograd.gradcheck(
