@@ -71,18 +71,24 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn, iterations, warmup, device) -> float:
-    """Median seconds per call of ``fn`` after ``warmup`` calls."""
+def time_calls(fn, iterations, warmup, device) -> tuple[float, float]:
+    """(median wall seconds, median process CPU seconds) per call of ``fn`` after ``warmup`` calls.
+
+    CPU seconds add up the work of all threads; on a shared machine they are a steadier
+    measure of the work than wall time (other processes do not inflate them).
+    """
     for _ in range(warmup):
         fn()
     synchronize(device)
-    durations = []
+    wall, cpu = [], []
     for _ in range(iterations):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         synchronize(device)
-        durations.append(time.perf_counter() - start)
-    return sorted(durations)[len(durations) // 2]
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    median = len(wall) // 2
+    return sorted(wall)[median], sorted(cpu)[median]
 
 
 def bench_config(name, device, iterations, warmup, batch_size=None):
@@ -112,11 +118,11 @@ def bench_config(name, device, iterations, warmup, batch_size=None):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    train_seconds = time_calls(train_step, iterations, warmup, device)
+    train_seconds, train_cpu_seconds = time_calls(train_step, iterations, warmup, device)
     train_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    predict_seconds = time_calls(predict, iterations, warmup, device)
+    predict_seconds, _ = time_calls(predict, iterations, warmup, device)
     predict_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {
         "config": name,
@@ -124,6 +130,7 @@ def bench_config(name, device, iterations, warmup, batch_size=None):
         "image": f"{height_range[0]}-{height_range[1]}x{width}" if height_range[0] != height_range[1]
         else f"{height_range[0]}x{width}",
         "train s/iter": train_seconds,
+        "train cpu-s/iter": train_cpu_seconds,
         "train iter/s": 1 / train_seconds,
         "infer img/s": batch_size / predict_seconds,
         "train peak GiB": train_memory,
@@ -132,7 +139,7 @@ def bench_config(name, device, iterations, warmup, batch_size=None):
 
 
 def format_table(rows) -> str:
-    columns = ["config", "batch", "image", "train s/iter", "train iter/s", "infer img/s",
+    columns = ["config", "batch", "image", "train s/iter", "train cpu-s/iter", "train iter/s", "infer img/s",
                "train peak GiB", "infer peak GiB"]
 
     def cell(value):
@@ -206,14 +213,22 @@ def main(argv=None):
     configs = args.configs or (["shapes-cpu"] if device.type == "cpu" else ["shapes-gpu", "coco-r50-fpn"])
     rows = []
     for name in configs:
-        rows.append(bench_config(name, device, args.iters, args.warmup, args.batch_size))
+        try:
+            rows.append(bench_config(name, device, args.iters, args.warmup, args.batch_size))
+        except Exception as exc:  # report and go on with the other configs
+            print(f"{name}: failed with {type(exc).__name__}: {exc}", flush=True)
+            continue
         print(format_table(rows[-1:]), flush=True)
     table = format_table(rows)
     print(f"\n{machine_description(device, args.note)}\n{table}")
     if args.append:
         import sys
 
-        append_results(table, "python " + " ".join(["bench/model.py", *sys.argv[1:]]), device, args.results, args.note)
+        arguments = list(sys.argv[1:])
+        if "--note" in arguments:  # the note already heads the entry
+            del arguments[arguments.index("--note") : arguments.index("--note") + 2]
+        append_results(table, "python " + " ".join(["bench/model.py", *arguments]), device,
+                       args.results, args.note)
 
 
 if __name__ == "__main__":
