@@ -1,6 +1,7 @@
 """Ops written from scratch: RoIAlign and RoIPool (NumPy reference, Numba CPU and
 Numba CUDA kernels behind one autograd function each) and box operations."""
 
+from minimrcnn.ops import _numba  # noqa: F401  (first: Numba set-up before any kernel is compiled)
 from minimrcnn.ops.boxes import (
     BoxCoder,
     batched_nms,
