@@ -44,9 +44,10 @@ def varied_batch():
     return images, targets
 
 
-def test_training_returns_the_five_finite_losses_for_varied_sizes():
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_training_returns_the_five_finite_losses_for_varied_sizes(channels_last):
     torch.manual_seed(0)
-    model = MaskRCNN(tiny_config())
+    model = MaskRCNN(tiny_config(channels_last=channels_last, min_size=(56, 64, 72)))
     images, targets = varied_batch()
     losses = model(images, targets)
     assert tuple(sorted(losses)) == tuple(sorted(LOSS_NAMES))

@@ -5,8 +5,9 @@
 
 Inputs are lists of float RGB images [3, H, W] in [0, 1] at any sizes; targets (for
 training) are dicts with boxes [G, 4] float32 xyxy, labels [G] int64 in 1..K,
-masks [G, H, W] uint8/bool and optionally iscrowd [G] int64. Crowd regions are
-dropped from training targets (Detectron2 also leaves them out of the losses).
+masks [G, H, W] uint8/bool and optionally iscrowd [G] int64. Crowd regions and
+zero-width or zero-height boxes are dropped from training targets (Detectron2 also
+leaves crowds out of the losses; an empty box has no defined regression target).
 
 Shape shorthand: N images; G objects of an image; D detections; H, W original size.
 """
