@@ -90,8 +90,11 @@ class MLPMaskHead(nn.Module):
 
 def select_class_channel(mask_logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """The channel of each RoI's class. mask_logits: [R, K, M, M]; classes: [R] in 1..K -> [R, M, M]."""
-    rows = torch.arange(mask_logits.shape[0], device=mask_logits.device)
-    return mask_logits[rows, classes - 1]
+    num_rois, num_classes = mask_logits.shape[:2]
+    rows = torch.arange(num_rois, device=mask_logits.device)
+    # (R, K, M, M) -> (R*K, M, M), row r*K + (c-1); index_select's backward is cheap.
+    flat = mask_logits.reshape(num_rois * num_classes, *mask_logits.shape[2:])
+    return flat.index_select(0, rows * num_classes + classes - 1)
 
 
 def with_background_logit(mask_logits: torch.Tensor) -> torch.Tensor:

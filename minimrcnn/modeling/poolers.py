@@ -143,7 +143,9 @@ class MultiScaleRoIPooler(nn.Module):
         order = torch.cat(order_per_level)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        return pooled[inverse]
+        # index_select, not pooled[inverse]: its backward is a plain index_add, several
+        # times faster on CPU than advanced indexing's accumulating index_put.
+        return pooled.index_select(0, inverse)
 
 
 def build_pooler(config, output_size: int, feature_levels: tuple[int, ...] | None = None):
