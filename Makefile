@@ -32,7 +32,7 @@ lab: $(STAMP)
 ## Every notebook executed into HTML under build/, for reading without running.
 render: $(STAMP)
 	mkdir -p build
-	$(BIN)/jupyter nbconvert --to html --execute --output-dir build notebooks/*.ipynb
+	$(BIN)/jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=600 --output-dir build notebooks/*.ipynb
 
 data: $(STAMP)
 	$(BIN)/python -m minimrcnn data shapes --out data/shapes
