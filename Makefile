@@ -8,7 +8,10 @@ STAMP := $(VENV)/.installed
 # one, PyPI's default (CUDA-enabled on Linux) build everywhere else.
 PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 
-export MPLBACKEND ?= Agg
+# The demo draws off-screen (Agg); notebooks (opened, rendered or tested) keep Jupyter's
+# inline backend, so a MPLBACKEND set in the shell is cleared for them.
+HEADLESS := MPLBACKEND=Agg
+INLINE := env -u MPLBACKEND
 
 .PHONY: demo test lab render data clean
 
@@ -19,20 +22,20 @@ $(STAMP): pyproject.toml constraints.txt
 
 ## The main job: shapes data, train, COCO-evaluate, AP table and pictures in runs/demo.
 demo: $(STAMP)
-	$(BIN)/python -m minimrcnn demo --out runs/demo
+	$(HEADLESS) $(BIN)/python -m minimrcnn demo --out runs/demo
 
 ## The whole test suite: unit tests and every notebook, top to bottom, under nbval.
 test: $(STAMP)
-	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env --durations=15
+	$(INLINE) $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env --durations=15
 
 ## JupyterLab on the course.
 lab: $(STAMP)
-	$(BIN)/jupyter lab notebooks
+	$(INLINE) $(BIN)/jupyter lab notebooks
 
 ## Every notebook executed into HTML under build/, for reading without running.
 render: $(STAMP)
 	mkdir -p build
-	$(BIN)/jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=600 --output-dir build notebooks/*.ipynb
+	$(INLINE) $(BIN)/jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=600 --output-dir build notebooks/*.ipynb
 
 data: $(STAMP)
 	$(BIN)/python -m minimrcnn data shapes --out data/shapes
