@@ -117,6 +117,17 @@ def all_gather_objects(value) -> list:
     return gathered
 
 
+def all_reduce_max(*values: float) -> tuple[float, ...]:
+    """The maximum of each value over all processes (the values themselves with one process)."""
+    if not get_info().is_distributed:
+        return values
+    # NCCL reduces GPU tensors only; gloo takes CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tuple(tensor.tolist())
+
+
 def barrier() -> None:
     if get_info().is_distributed:
         dist.barrier()

@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from minimrcnn.engine.distributed import all_reduce_max
+
 SCHEDULES = ("step", "cosine")
 CALIBRATION_SKIP = 2  # first iterations fill caches (JIT, allocator) and are not timed
 CALIBRATION_ITERS = 5  # timed iterations that set max_iter under a time budget
@@ -96,19 +98,6 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _slowest(*values: float) -> tuple[float, ...]:
-    """The maximum of each value over all processes (the values themselves with one process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    # NCCL reduces GPU tensors only; gloo takes CPU ones.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tuple(tensor.tolist())
-
-
 def estimate_eval_seconds(model, val_dataset, device, num_images: int) -> float:
     """Seconds to predict ``num_images`` val images, from timing a few of them."""
     if val_dataset is None or len(val_dataset) == 0:
@@ -165,7 +154,7 @@ class BudgetPlanner:
             # A machine so slow that calibration would eat much of the budget plans at once
             # (decided together: every process must take part in the plan's all-reduce).
             too_slow = now - self.call_start > EARLY_PLAN_FRACTION * self.budget_seconds
-            if not _slowest(float(too_slow))[0]:
+            if not all_reduce_max(float(too_slow))[0]:
                 return None
         if self.timer_start is not None and done > self.first_timed:
             seconds_per_iter = (now - self.timer_start) / (done - self.first_timed)
@@ -175,7 +164,7 @@ class BudgetPlanner:
         eval_seconds = estimate_eval_seconds(self.model, self.val_dataset, self.device, num_val)
         elapsed = time.perf_counter() - self.call_start
         # Every input of the plan is agreed on, so every process computes the same max_iter.
-        seconds_per_iter, eval_seconds, elapsed = _slowest(seconds_per_iter, eval_seconds, elapsed)
+        seconds_per_iter, eval_seconds, elapsed = all_reduce_max(seconds_per_iter, eval_seconds, elapsed)
         new_max = iterations_within_budget(iteration, elapsed, seconds_per_iter, self.budget_seconds,
                                            eval_seconds + FINAL_RESERVE_SECONDS)
         is_first = not planned
