@@ -149,13 +149,12 @@ def format_ap_table(metrics: dict) -> str:
 
 def evaluate_from_args(args) -> dict:
     """``python -m minimrcnn evaluate --checkpoint C --images DIR --annotations FILE [--out DIR]``."""
-    import torch
-
     from minimrcnn.data import CocoInstances
     from minimrcnn.engine.checkpoint import load_model
+    from minimrcnn.engine.train import resolve_device
     from minimrcnn.evaluation.inference import predict_dataset
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     model, _ = load_model(args.checkpoint, device)
     dataset = CocoInstances(args.images, args.annotations)
     predictions = predict_dataset(model, dataset, device, progress=True)
