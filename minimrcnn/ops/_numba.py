@@ -81,6 +81,8 @@ def configure():
 
 CONFIGURED = configure()
 
+from numba import cuda  # noqa: E402  (after configure(): the first import reads the variables)
+
 CUDA_THREADS_PER_BLOCK = 256
 CUDA_MAX_BLOCKS = 65535  # the kernels loop over the grid (grid-stride), so any size fits
 
@@ -93,8 +95,6 @@ def cuda_launch(kernel, num_threads, inputs, scalars, outputs, device):
     runs on torch's current stream, so it is ordered with torch's own work. Under the
     CUDA simulator (CPU tensors) they go as NumPy views.
     """
-    from numba import cuda
-
     # a small launch gets a small block: the simulator runs every thread, even idle ones
     threads_per_block = min(CUDA_THREADS_PER_BLOCK, num_threads)
     blocks = max(1, min(-(-num_threads // threads_per_block), CUDA_MAX_BLOCKS))
@@ -112,3 +112,13 @@ def cuda_launch(kernel, num_threads, inputs, scalars, outputs, device):
     else:
         arrays = [t.numpy() for t in tensors]
         kernel[blocks, threads_per_block](*arrays[: len(inputs)], *scalars, *arrays[len(inputs) :])
+
+
+@cuda.jit(device=True)
+def unravel_cell(index, channels, pooled_h, pooled_w):
+    """Flat index of an output cell of [K, C, ph, pw] -> (k, c, py, px); one thread per cell."""
+    px = index % pooled_w
+    py = (index // pooled_w) % pooled_h
+    c = (index // (pooled_w * pooled_h)) % channels
+    k = index // (pooled_w * pooled_h * channels)
+    return k, c, py, px

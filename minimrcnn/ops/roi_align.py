@@ -29,7 +29,7 @@ from numba import cuda
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from minimrcnn.ops._numba import cuda_launch  # first: sets Numba's threading layer and cache dir
+from minimrcnn.ops._numba import cuda_launch, unravel_cell  # first: sets Numba's threading layer and cache dir
 from minimrcnn.ops._validate import (
     check_cuda_backend,
     check_features_and_rois,
@@ -408,10 +408,7 @@ def _forward_cuda(features, rois, spatial_scale, sampling_ratio, aligned, output
     num_rois, channels, pooled_h, pooled_w = output.shape
     height, width = features.shape[2], features.shape[3]
     for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
-        px = index % pooled_w
-        py = (index // pooled_w) % pooled_h
-        c = (index // (pooled_w * pooled_h)) % channels
-        k = index // (pooled_w * pooled_h * channels)
+        k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
         b = int(rois[k, 0])
         start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry_cuda(
             rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
@@ -440,10 +437,7 @@ def _backward_cuda(grad_output, rois, spatial_scale, sampling_ratio, aligned, gr
     num_rois, channels, pooled_h, pooled_w = grad_output.shape
     height, width = grad_features.shape[2], grad_features.shape[3]
     for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
-        px = index % pooled_w
-        py = (index // pooled_w) % pooled_h
-        c = (index // (pooled_w * pooled_h)) % channels
-        k = index // (pooled_w * pooled_h * channels)
+        k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
         b = int(rois[k, 0])
         start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry_cuda(
             rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned

@@ -27,7 +27,7 @@ from numba import cuda
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from minimrcnn.ops._numba import cuda_launch  # first: sets Numba's threading layer and cache dir
+from minimrcnn.ops._numba import cuda_launch, unravel_cell  # first: sets Numba's threading layer and cache dir
 from minimrcnn.ops._validate import (
     check_cuda_backend,
     check_features_and_rois,
@@ -259,10 +259,7 @@ def _forward_cuda(features, rois, spatial_scale, output, argmax):
     num_rois, channels, pooled_h, pooled_w = output.shape
     height, width = features.shape[2], features.shape[3]
     for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
-        px = index % pooled_w
-        py = (index // pooled_w) % pooled_h
-        c = (index // (pooled_w * pooled_h)) % channels
-        k = index // (pooled_w * pooled_h * channels)
+        k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
         b = int(rois[k, 0])
         first_x, size_x = _quantize_cuda(rois[k, 1], rois[k, 3], spatial_scale)
         first_y, size_y = _quantize_cuda(rois[k, 2], rois[k, 4], spatial_scale)
@@ -286,10 +283,7 @@ def _backward_cuda(grad_output, rois, argmax, grad_features):
     num_rois, channels, pooled_h, pooled_w = grad_output.shape
     width = grad_features.shape[3]
     for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
-        px = index % pooled_w
-        py = (index // pooled_w) % pooled_h
-        c = (index // (pooled_w * pooled_h)) % channels
-        k = index // (pooled_w * pooled_h * channels)
+        k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
         pixel = argmax[k, c, py, px]
         if pixel != NO_ARGMAX:
             row, col = pixel // width, pixel % width
