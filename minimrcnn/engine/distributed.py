@@ -167,17 +167,17 @@ class InfiniteBatchSampler(torch.utils.data.Sampler):
         self.accum_steps = accum_steps
         self.start_iteration = start_iteration
         self.shuffle = shuffle
-        self._epoch_cache: dict[int, list[int]] = {}
+        self._current: tuple[int, list[int]] | None = None  # (epoch, its order): the only one needed again
 
     def _permutation(self, epoch: int) -> list[int]:
-        if epoch not in self._epoch_cache:
+        if self._current is None or self._current[0] != epoch:
             if self.shuffle:
                 generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
                 order = torch.randperm(self.dataset_size, generator=generator).tolist()
             else:
                 order = list(range(self.dataset_size))
-            self._epoch_cache = {epoch: order}  # only the current epoch is ever needed again
-        return self._epoch_cache[epoch]
+            self._current = (epoch, order)
+        return self._current[1]
 
     def micro_batch(self, iteration: int, micro_step: int) -> list[tuple[int, int]]:
         """The ``(dataset_index, sample_seed)`` pairs of one micro-batch of this rank."""
