@@ -155,14 +155,15 @@ def prepare(ground_truth, results, iou_type: str = "segm"):
 
     image_sizes = {image["id"]: (image["height"], image["width"]) for image in gt["images"]}
     image_ids = sorted(image_sizes)
-    category_ids = sorted({category["id"] for category in gt["categories"]})
+    known_categories = {category["id"] for category in gt["categories"]}
+    category_ids = sorted(known_categories)
+    region_field = "segmentation" if iou_type == "segm" else "bbox"
     groups: dict = {}
 
     for ann in gt["annotations"]:
         key = (ann["image_id"], ann["category_id"])
-        if ann["image_id"] not in image_sizes or ann["category_id"] not in category_ids:
+        if ann["image_id"] not in image_sizes or ann["category_id"] not in known_categories:
             continue
-        region_field = "segmentation" if iou_type == "segm" else "bbox"
         for required in (region_field, "area"):
             if required not in ann:
                 raise ValueError(f"ground_truth annotation {ann['id']} has no {required!r}")
@@ -178,7 +179,7 @@ def prepare(ground_truth, results, iou_type: str = "segm"):
         if result.get("image_id") not in image_sizes:
             raise ValueError(f"results[{index}] refers to image_id {result.get('image_id')!r}, "
                              "which the ground truth does not have")
-        if result["category_id"] not in category_ids:
+        if result["category_id"] not in known_categories:
             continue
         region, area = _result_region(result, index, iou_type, image_sizes[result["image_id"]])
         group = groups.setdefault((result["image_id"], result["category_id"]), Group())
