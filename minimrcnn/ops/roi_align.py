@@ -445,12 +445,14 @@ def _backward_cuda(grad_output, rois, spatial_scale, sampling_ratio, aligned, gr
         grad = grad_output[k, c, py, px] / count
         for iy in range(grid_h):
             y_low, y_high, wy_low, wy_high = _interp_cuda(start_y + py * bin_h + (iy + 0.5) * bin_h / grid_h, height)
+            if wy_low == 0.0 and wy_high == 0.0:
+                continue  # samples outside the map: no gradient (and no atomics on pixel 0)
             for ix in range(grid_w):
                 x_low, x_high, wx_low, wx_high = _interp_cuda(
                     start_x + px * bin_w + (ix + 0.5) * bin_w / grid_w, width
                 )
-                if wy_low * wx_low + wy_low * wx_high + wy_high * wx_low + wy_high * wx_high == 0.0:
-                    continue  # sample outside the map
+                if wx_low == 0.0 and wx_high == 0.0:
+                    continue
                 cuda.atomic.add(grad_features, (b, c, y_low, x_low), grad * wy_low * wx_low)
                 cuda.atomic.add(grad_features, (b, c, y_low, x_high), grad * wy_low * wx_high)
                 cuda.atomic.add(grad_features, (b, c, y_high, x_low), grad * wy_high * wx_low)
