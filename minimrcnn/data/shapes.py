@@ -373,7 +373,8 @@ def _is_shapes_set(root: Path) -> bool:
                for kind in ("instances", "panoptic") for split in SPLITS)
 
 
-def _recorded_settings(root: Path, split: str) -> dict | None:
+def recorded_settings(root: Path, split: str) -> dict | None:
+    """The settings a split was generated with (its ``info.minimrcnn_shapes``), or None."""
     try:
         info = json.loads((root / "annotations" / f"instances_{split}.json").read_text())["info"]
         return info["minimrcnn_shapes"]
@@ -391,7 +392,7 @@ def ensure_shapes(root="data/shapes", **kwargs) -> Path:
     if _is_shapes_set(root):
         settings = {"num_train": 2000, "num_val": 200, "image_size": 128, "seed": 0}
         settings.update({k: v for k, v in kwargs.items() if k in settings})
-        recorded = {split: _recorded_settings(root, split) for split in SPLITS}
+        recorded = {split: recorded_settings(root, split) for split in SPLITS}
         if all(recorded.values()) and (
                 recorded["train"]["num_images"] == settings["num_train"]
                 and recorded["val"]["num_images"] == settings["num_val"]

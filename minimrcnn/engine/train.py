@@ -51,17 +51,16 @@ def resolve_device(device=None) -> torch.device:
 def shapes_root(data_root) -> Path:
     """``data_root`` holding a current shapes set: one already there keeps its size (a small
     test set stays small), an absent or outdated one is generated (2000 train / 200 val)."""
-    from minimrcnn.data.shapes import ensure_shapes
+    from minimrcnn.data.shapes import SPLITS, ensure_shapes, recorded_settings
 
     root = Path(data_root)
     sizes = {}
-    for split in ("train", "val"):
+    for split in SPLITS:
         try:
-            info = json.loads((root / "annotations" / f"instances_{split}.json").read_text())["info"]
-            recorded = info["minimrcnn_shapes"]
+            recorded = recorded_settings(root, split)  # None when absent or unreadable
             sizes[f"num_{split}"] = recorded["num_images"]
             sizes.update(image_size=recorded["image_size"], seed=recorded["seed"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (KeyError, TypeError):  # absent, unreadable or incomplete: generate afresh
             sizes = {}
             break
     return Path(ensure_shapes(root, **sizes))
