@@ -44,6 +44,9 @@ SHAPES_CATEGORIES = [
     {"id": GROUND_ID, "name": "ground", "supercategory": "background", "isthing": 0},
 ]
 SPLITS = ("train", "val")
+NUM_TRAIN, NUM_VAL = 2000, 200  # the default set: images per split
+IMAGE_SIZE = 128  # pixels per side
+SEED = 0
 FORMAT_VERSION = 2  # bumped whenever the generator's output changes, so old sets are regenerated
 
 MAX_INSTANCES = 6
@@ -328,8 +331,8 @@ def _write_split(out_dir: Path, split: str, num_images: int, size: int, seed: in
         (out_dir / "annotations" / f"{kind}_{split}.json").write_text(json.dumps(content, separators=(",", ":")))
 
 
-def generate_shapes(out_dir, num_train: int = 2000, num_val: int = 200, image_size: int = 128,
-                    seed: int = 0, num_workers: int | None = None) -> Path:
+def generate_shapes(out_dir, num_train: int = NUM_TRAIN, num_val: int = NUM_VAL, image_size: int = IMAGE_SIZE,
+                    seed: int = SEED, num_workers: int | None = None) -> Path:
     """Generate the shapes dataset into ``out_dir`` (replacing a previous shapes set there).
 
     The set is written to a temporary sibling folder and renamed into place, so an
@@ -390,7 +393,7 @@ def ensure_shapes(root="data/shapes", **kwargs) -> Path:
     """
     root = Path(root)
     if _is_shapes_set(root):
-        settings = {"num_train": 2000, "num_val": 200, "image_size": 128, "seed": 0}
+        settings = {"num_train": NUM_TRAIN, "num_val": NUM_VAL, "image_size": IMAGE_SIZE, "seed": SEED}
         settings.update({k: v for k, v in kwargs.items() if k in settings})
         recorded = {split: recorded_settings(root, split) for split in SPLITS}
         if all(recorded.values()) and (
