@@ -56,7 +56,7 @@ def choose_cache_dir(package_pycache=PACKAGE_PYCACHE, user_cache_dir=USER_CACHE_
 
 
 def configure():
-    """Apply both settings; returns the environment variables it set."""
+    """Apply the three settings; returns the environment variables it set."""
     chosen = {}
     if "NUMBA_THREADING_LAYER" not in os.environ:
         chosen["NUMBA_THREADING_LAYER"] = THREADING_LAYER
