@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from minimrcnn.engine.checkpoint import unwrap_model
 from minimrcnn.engine.distributed import all_reduce_max
 
 SCHEDULES = ("step", "cosine")
@@ -102,7 +103,7 @@ def estimate_eval_seconds(model, val_dataset, device, num_images: int) -> float:
     """Seconds to predict ``num_images`` val images, from timing a few of them."""
     if val_dataset is None or len(val_dataset) == 0:
         return 0.0
-    model = getattr(model, "module", model)  # inside DDP
+    model = unwrap_model(model)  # inside DDP
     sample_count = min(EVAL_ESTIMATE_IMAGES, len(val_dataset))
     images = [val_dataset[i][0].to(device) for i in range(sample_count)]
     was_training = model.training
