@@ -10,7 +10,8 @@ run resumed from a checkpoint ends with the same weights as one never interrupte
 processes compute what one process computes with G accumulation steps.
 
 Nothing in the loop waits for the device except every ``LOG_PERIOD`` iterations, when the
-losses are read back, checked for NaN/inf and written as a JSON line.
+losses are read back, checked for NaN/inf and written as a JSON line, and when a checkpoint
+is written or a time budget's planner times a few iterations.
 """
 
 from __future__ import annotations
