@@ -1,4 +1,5 @@
-"""Numba set-up; imported by the kernel modules before any kernel is compiled.
+"""Numba set-up; imported by the kernel modules before any kernel is compiled. It also
+holds the few pieces both kernel modules share: cuda_launch, unravel_cell, image_order.
 
 Three defaults of Numba get in the way of ordinary use of this package, so we change them,
 unless the user chose otherwise through Numba's own environment variables:
@@ -27,6 +28,8 @@ keeps them) and in numba.config for a numba that is already imported.
 import os
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 THREADING_LAYER = "workqueue"
 PACKAGE_PYCACHE = Path(__file__).resolve().parent / "__pycache__"
@@ -122,3 +125,15 @@ def unravel_cell(index, channels, pooled_h, pooled_w):
     c = (index // (pooled_w * pooled_h)) % channels
     k = index // (pooled_w * pooled_h * channels)
     return k, c, py, px
+
+
+def image_order(rois64, num_images):
+    """RoI indices grouped by image (stable) and the offsets of each image's group.
+
+    rois64: [K, 5] float64 -> (rois_by_image [K] int64, image_offsets [N + 1] int64): the RoIs
+    of image n are rois_by_image[image_offsets[n]:image_offsets[n + 1]].
+    """
+    batch_index = rois64[:, 0].astype(np.int64)
+    rois_by_image = np.argsort(batch_index, kind="stable")
+    image_offsets = np.searchsorted(batch_index[rois_by_image], np.arange(num_images + 1))
+    return rois_by_image, image_offsets.astype(np.int64)

@@ -29,7 +29,7 @@ from numba import cuda
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from minimrcnn.ops._numba import cuda_launch, unravel_cell  # first: sets Numba's threading layer and cache dir
+from minimrcnn.ops._numba import cuda_launch, image_order, unravel_cell  # first: Numba set-up
 from minimrcnn.ops._validate import (
     check_cuda_backend,
     check_features_and_rois,
@@ -361,20 +361,12 @@ def _numba_forward(features, rois, params):
     if not features_nhwc.is_contiguous():  # free when features are already channels_last
         features_nhwc = features_nhwc.contiguous()
     rois64 = rois.detach().numpy().astype(np.float64)
-    rois_by_image, _ = _image_order(rois64, features.shape[0])
+    rois_by_image, _ = image_order(rois64, features.shape[0])
     _forward_cpu(
         features_nhwc.numpy(), rois64, rois_by_image, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned,
         output.numpy(),
     )
     return output
-
-
-def _image_order(rois64, num_images):
-    """RoI indices grouped by image (stable) and the offsets of each image's group."""
-    batch_index = rois64[:, 0].astype(np.int64)
-    rois_by_image = np.argsort(batch_index, kind="stable")
-    image_offsets = np.searchsorted(batch_index[rois_by_image], np.arange(num_images + 1))
-    return rois_by_image, image_offsets.astype(np.int64)
 
 
 def _numba_backward(grad_output, rois, feature_shape, params):
@@ -384,7 +376,7 @@ def _numba_backward(grad_output, rois, feature_shape, params):
     grad_nhwc = torch.zeros((num_images, height, width, channels), dtype=grad_output.dtype)
     if rois.shape[0] > 0 and channels > 0:
         rois64 = rois.detach().numpy().astype(np.float64)
-        rois_by_image, image_offsets = _image_order(rois64, num_images)
+        rois_by_image, image_offsets = image_order(rois64, num_images)
         threads = numba.get_num_threads()
         # enough (image, block) tasks to keep every thread busy, blocks of 8..64 channels
         block = min(BACKWARD_MAX_BLOCK, max(8, -(-channels * num_images // (2 * threads))))

@@ -27,7 +27,7 @@ from numba import cuda
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from minimrcnn.ops._numba import cuda_launch, unravel_cell  # first: sets Numba's threading layer and cache dir
+from minimrcnn.ops._numba import cuda_launch, image_order, unravel_cell  # first: Numba set-up
 from minimrcnn.ops._validate import (
     check_cuda_backend,
     check_features_and_rois,
@@ -218,13 +218,6 @@ def _backward_cpu(grad_output, rois_by_image, image_offsets, argmax, grad_featur
                         out_flat[plane + _unsigned(index)] += grad_flat[cell + j]
 
 
-def _image_order(rois64, num_images):
-    """RoI indices grouped by image (stable) and the offsets of each image's group."""
-    batch_index = rois64[:, 0].astype(np.int64)
-    rois_by_image = np.argsort(batch_index, kind="stable")
-    return rois_by_image, np.searchsorted(batch_index[rois_by_image], np.arange(num_images + 1)).astype(np.int64)
-
-
 def _numba_forward(features, rois, params):
     (pooled_h, pooled_w), spatial_scale = params
     shape = (rois.shape[0], features.shape[1], pooled_h, pooled_w)
@@ -235,7 +228,7 @@ def _numba_forward(features, rois, params):
         if not features_nhwc.is_contiguous():  # free when features are already channels_last
             features_nhwc = features_nhwc.contiguous()
         rois64 = rois.detach().numpy().astype(np.float64)
-        rois_by_image, _ = _image_order(rois64, features.shape[0])
+        rois_by_image, _ = image_order(rois64, features.shape[0])
         _forward_cpu(features_nhwc.numpy(), rois64, rois_by_image, spatial_scale, output.numpy(), argmax.numpy())
     return output, argmax
 
@@ -243,7 +236,7 @@ def _numba_forward(features, rois, params):
 def _numba_backward(grad_output, rois, argmax, feature_shape):
     grad_features = torch.zeros(feature_shape, dtype=grad_output.dtype)
     if grad_output.numel() > 0:
-        rois_by_image, image_offsets = _image_order(rois.detach().numpy().astype(np.float64), feature_shape[0])
+        rois_by_image, image_offsets = image_order(rois.detach().numpy().astype(np.float64), feature_shape[0])
         _backward_cpu(grad_output.detach().contiguous().numpy(), rois_by_image, image_offsets,
                       argmax.contiguous().numpy(), grad_features.numpy())
     return grad_features
