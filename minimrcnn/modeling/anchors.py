@@ -11,6 +11,11 @@ import math
 import torch
 from torch import nn
 
+# Anchors depend only on the feature-map sizes: keep those of the last few batch shapes.
+# Unbounded, multi-scale training on images of varied shapes (COCO) would keep one
+# set of anchors per padded batch size ever seen.
+ANCHOR_CACHE_SIZE = 16
+
 
 def cell_anchors(size: float, aspect_ratios: tuple[float, ...]) -> torch.Tensor:
     """The A anchors of one cell, centred on (0, 0): [A, 4] xyxy.
@@ -71,10 +76,14 @@ class AnchorGenerator(nn.Module):
         if len(features) != len(self.strides):
             raise ValueError(f"expected {len(self.strides)} feature levels, got {len(features)}")
         key = tuple(tuple(f.shape[-2:]) for f in features) + (str(features[0].device),)
-        if key not in self._cache:
-            self._cache[key] = [
+        anchors = self._cache.pop(key, None)
+        if anchors is None:
+            anchors = [
                 grid_anchors(cell_anchors(size, self.aspect_ratios), tuple(f.shape[-2:]), stride,
                              self.offset).to(features[0].device)
                 for size, stride, f in zip(self.sizes, self.strides, features)
             ]
-        return self._cache[key]
+        self._cache[key] = anchors  # re-inserted: the dict is ordered from least to most recent
+        if len(self._cache) > ANCHOR_CACHE_SIZE:
+            del self._cache[next(iter(self._cache))]
+        return anchors
