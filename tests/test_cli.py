@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from minimrcnn.cli import main
@@ -18,13 +17,8 @@ TINY_OVERRIDES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models gain nothing from a second thread (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_train_then_predict(tmp_path, tiny_shapes, capsys):

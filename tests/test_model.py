@@ -160,16 +160,6 @@ def mask_iou(a, b):
     return ((a & b).sum() / (a | b).sum().clamp(min=1)).item()
 
 
-@pytest.fixture
-def one_thread():
-    """Batches of two 128 x 128 images are too small for OpenMP to pay off: with two threads
-    this test ran 2.5x slower on the shared 2-core VM (synchronisation and spinning)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_overfits_a_few_shapes_images(tiny_shapes, one_thread):
     from minimrcnn.data.coco import CocoInstances, collate
 
