@@ -105,7 +105,8 @@ def test_predictions_round_trip(tmp_path):
     gt = dict(loaded, annotations=[dict(a, segments_info=[dict(s, iscrowd=0) for s in a["segments_info"]])
                                    for a in loaded["annotations"]])
     (tmp_path / "gt.json").write_text(json.dumps(gt))
-    result = panoptic_quality(tmp_path / "gt.json", tmp_path / "out" / "pred.json", tmp_path / "pngs", tmp_path / "pngs")
+    pngs = tmp_path / "pngs"
+    result = panoptic_quality(tmp_path / "gt.json", tmp_path / "out" / "pred.json", pngs, pngs)
     assert result["All"] == {"pq": 1.0, "sq": 1.0, "rq": 1.0, "n": 3}
 
 
@@ -147,3 +148,13 @@ def test_load_errors_name_the_file_and_entry(tmp_path):
         load_panoptic_json(tmp_path / "nothing.json")
     path.write_text(json.dumps({"annotations": [annotation], "categories": CATEGORIES}))
     assert load_panoptic_json(path, ground_truth=True)["annotations"] == [annotation]
+
+
+def test_panoptic_io_needs_only_numpy_and_pil():
+    import ast
+    import minimrcnn.evaluation.panoptic_io as module
+
+    tree = ast.parse(open(module.__file__).read())
+    imported = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "json", "os", "pathlib", "numpy", "PIL"}, imported

@@ -382,3 +382,25 @@ def test_per_image_stats_on_arrays():
                                {c["id"]: c for c in CATEGORIES})
     assert stats[1] == {"tp": 0, "fp": 0, "fn": 1, "iou": 0.0}  # 7 predicted as category 2
     assert stats[2] == {"tp": 1, "fp": 1, "fn": 0, "iou": 1.0}
+
+
+def test_loaded_dicts_are_accepted_and_checked(tmp_path):
+    gt_json, pred_json, gt_folder, pred_folder = _broken(tmp_path, SCENE, _segments(SCENE, SCENE_CATEGORY))
+    gt, pred = json.loads(gt_json.read_text()), json.loads(pred_json.read_text())
+    assert panoptic_quality(gt, pred, gt_folder, pred_folder) == panoptic_quality(gt_json, pred_json, gt_folder,
+                                                                                  pred_folder)
+    pred["annotations"][0]["segments_info"].append(dict(pred["annotations"][0]["segments_info"][0]))
+    with pytest.raises(ValueError, match="prediction JSON.*appears twice"):
+        panoptic_quality(gt, pred, gt_folder, pred_folder)
+    with pytest.raises(ValueError, match="gt_folder is needed"):
+        panoptic_quality(gt, pred_json)
+
+
+def test_format_pq_table_rows(tmp_path):
+    pred = np.where(SCENE == 9, 0, SCENE)
+    result = evaluate(tmp_path, [(SCENE, _segments(SCENE, SCENE_CATEGORY), pred,
+                                  _segments(pred, {k: v for k, v in SCENE_CATEGORY.items() if k != 9}))])
+    lines = format_pq_table(result, {1: "a", 2: "b", 3: "sky", 4: "ground"}).splitlines()
+    assert lines[1].split() == ["All", "75.0", "75.0", "75.0", "4"]
+    assert lines[2].split() == ["Things", "50.0", "50.0", "50.0", "2"]
+    assert [line.split() for line in lines if line.split()[:1] == ["b"]] == [["b", "0.0", "0.0", "0.0", "0", "0", "1"]]

@@ -10,7 +10,8 @@ The rules, per image (segment ids: 0 is void; ``void`` below means gt void pixel
 - A ground-truth segment g and a predicted segment p *match* when they share a category,
   g is not crowd, and  inter / (|p| + |g| - inter - |p on void|) > 0.5  (strictly). The
   prediction's pixels on void are left out of the union: nobody knows what is there.
-  Since segments do not overlap, IoU > 0.5 makes a match unique.
+  Since segments do not overlap, IoU > 0.5 makes a match unique (given JSON areas that
+  agree with the PNG; otherwise every pair above 0.5 counts, as in ``pq_compute``).
 - Unmatched non-crowd ground truth is a false negative; crowd ground truth never is.
 - An unmatched prediction is a false positive unless more than half of it lies on void or on
   the crowd region of its own category; then it is ignored.
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minimrcnn.evaluation.panoptic_io import VOID_ID, load_panoptic_json, read_panoptic_png
+from minimrcnn.evaluation.panoptic_io import VOID_ID, check_panoptic_json, load_panoptic_json, read_panoptic_png
 
 OFFSET = 256 ** 3  # segment ids are < 2^24, so gt_id * OFFSET + pred_id identifies a pixel pair
 MATCH_IOU = 0.5  # a match needs IoU strictly above this
@@ -168,6 +169,7 @@ def pq_from_stats(stats: dict, categories: dict) -> dict:
 def _load(source, what, ground_truth):
     """(content, name for messages) of a JSON path or an already loaded dict."""
     if isinstance(source, dict):
+        check_panoptic_json(source, what, ground_truth=ground_truth)
         return source, what
     return load_panoptic_json(source, ground_truth=ground_truth), str(source)
 

@@ -90,6 +90,12 @@ def load_panoptic_json(path, *, ground_truth: bool = False) -> dict:
             content = json.load(f)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
+    check_panoptic_json(content, path, ground_truth=ground_truth)
+    return content
+
+
+def check_panoptic_json(content, path, *, ground_truth: bool = False) -> None:
+    """The checks of ``load_panoptic_json`` on loaded content; ``path`` names it in messages."""
     if not isinstance(content, dict) or not isinstance(content.get("annotations"), list):
         raise ValueError(f"{path}: a COCO panoptic JSON needs a top-level list 'annotations'")
     if ground_truth:
@@ -119,7 +125,6 @@ def load_panoptic_json(path, *, ground_truth: bool = False) -> dict:
             if segment["id"] in seen:
                 raise ValueError(f"{where}: segment id {segment['id']} appears twice in segments_info")
             seen.add(segment["id"])
-    return content
 
 
 def mask_bbox_xywh(mask: np.ndarray) -> list[int]:
