@@ -81,9 +81,9 @@ def run_demo(args) -> dict:
 
     from minimrcnn.data import CocoInstances
 
-    model, _ = load_model(out_dir / "model_final.pth", device)
+    model, model_config = load_model(out_dir / "model_final.pth", device)
     val_dataset = CocoInstances(root / "images", root / "annotations/instances_val.json")
-    draw_prediction_grid(model, val_dataset, class_names_of(out_dir / "model_final.pth", config.num_classes),
+    draw_prediction_grid(model, val_dataset, class_names_of(out_dir / "model_final.pth", model_config.num_classes),
                          out_dir / "predictions.png", device)
     summary["job_seconds"] = round(time.perf_counter() - job_start, 1)
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")

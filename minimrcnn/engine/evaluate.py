@@ -43,6 +43,17 @@ def evaluate_model(model, val_dataset, annotation_file, device, batch_size: int 
     return distrib.broadcast_object(metrics)
 
 
+def check_checkpoint_categories(checkpoint_path, dataset) -> None:
+    """The model's labels mean the categories it was trained on: the dataset must list the same."""
+    from minimrcnn.engine.classes import categories_of, check_same_categories
+
+    extra = ckpt.load_checkpoint(checkpoint_path).get("extra", {})
+    if extra.get("category_ids") and extra.get("class_names"):
+        trained = dict(zip(extra["category_ids"][1:], extra["class_names"][1:]))
+        check_same_categories(trained, categories_of(dataset), f"checkpoint {checkpoint_path}",
+                              f"annotations {dataset.annotation_file}")
+
+
 def evaluate_from_args(args) -> dict:
     """``python -m minimrcnn evaluate --checkpoint C --images DIR --annotations FILE [--out DIR]``."""
     from minimrcnn.data import CocoInstances
@@ -50,6 +61,8 @@ def evaluate_from_args(args) -> dict:
     device = resolve_device(args.device)
     model, _ = ckpt.load_model(args.checkpoint, device)
     dataset = CocoInstances(args.images, args.annotations)
+    dataset.check_image_files()
+    check_checkpoint_categories(args.checkpoint, dataset)
     predictions = predict_dataset(model, dataset, device, progress=True)
     results = predictions_to_coco_results([p for _, p in predictions], [i for i, _ in predictions],
                                           getattr(dataset, "category_ids", None))
@@ -64,4 +77,4 @@ def evaluate_from_args(args) -> dict:
     return metrics
 
 
-__all__ = ["evaluate_from_args", "evaluate_model"]
+__all__ = ["check_checkpoint_categories", "evaluate_from_args", "evaluate_model"]

@@ -178,6 +178,19 @@ def _class_info(dataset) -> dict:
             "category_ids": [int(c) for c in category_ids] if category_ids is not None else None}
 
 
+def _classes_from_data(config: Config, train_dataset, val_dataset, paths: dict, fixed_by: str | None,
+                       announce: bool) -> Config:
+    """The config with the training set's ``num_classes``; val must list the same categories."""
+    from minimrcnn.engine.classes import categories_of, check_same_categories, config_for_dataset
+
+    if val_dataset is not None:
+        check_same_categories(categories_of(train_dataset), categories_of(val_dataset),
+                              f"train annotations {paths['train_annotations']}",
+                              f"val annotations {paths['val_annotations']}")
+    return config_for_dataset(config, train_dataset, fixed=fixed_by is not None, source=str(fixed_by),
+                              announce=print if announce else (lambda line: None))
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -223,7 +236,8 @@ def train_step(model, batches, optimizer, scaler, autocast, trainable, config: C
 def train(config: Config | None, out_dir, train_images=None, train_annotations=None, val_images=None,
           val_annotations=None, data_root="data/shapes", time_budget_minutes: float | None = None,
           resume: bool = False, device=None, max_iter: int | None = None, evaluate: bool = True,
-          progress: bool = True, log_period: int = LOG_PERIOD) -> dict:
+          progress: bool = True, log_period: int = LOG_PERIOD,
+          num_classes_fixed_by: str | None = None) -> dict:
     """Train a Mask R-CNN; returns the run summary (also written to ``out_dir/metrics.json``).
 
     ``config`` may be None with ``resume``: the checkpoint's config is used. Under a
@@ -232,6 +246,10 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
     stretches to it. Writes ``last.pth`` (every ``checkpoint_period`` iterations and at the
     end), ``model_final.pth``, ``metrics.jsonl`` (a line every ``log_period`` iterations),
     ``loss_curve.png`` and ``metrics.json``.
+
+    ``num_classes`` comes from the training set's categories: a config that differs adapts
+    (one printed line), unless ``num_classes_fixed_by`` names the user's config file that sets
+    the field, which makes a mismatch an error naming that file. Train and val must list the same categories.
     """
     call_start = time.perf_counter()
     device = resolve_device(device)
@@ -246,7 +264,6 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
         saved = ckpt.load_checkpoint(last_path)
         if config is None:
             config = ckpt.config_from_dict(saved["config"], source=str(last_path))
-        _check_resume_config(config, saved["config"], last_path)
         if "optimizer" not in saved:
             raise ValueError(f"{last_path}: holds no optimizer state, cannot resume from it")
     if not isinstance(config, Config):
@@ -265,6 +282,12 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
     train_dataset = CocoInstances(paths["train_images"], paths["train_annotations"])
     val_dataset = CocoInstances(paths["val_images"], paths["val_annotations"]) \
         if evaluate and paths["val_images"] is not None else None
+    for dataset in (train_dataset, val_dataset):  # a missing file fails now, not hours into the run
+        if dataset is not None:
+            dataset.check_image_files()
+    config = _classes_from_data(config, train_dataset, val_dataset, paths, num_classes_fixed_by, info.is_main)
+    if saved is not None:
+        _check_resume_config(config, saved["config"], last_path)
 
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matrix products, as is usual for training
@@ -397,8 +420,10 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
 
 def train_from_args(args) -> dict:
     """``python -m minimrcnn train ...`` (see ``minimrcnn/cli.py``)."""
+    num_classes_fixed_by = None
     if args.config is not None:
         config = get_config(args.config)
+        num_classes_fixed_by = args.config if _json_sets_num_classes(args.config) else None
     else:  # a resumed run continues with its checkpoint's config
         config = None if args.resume else get_config("shapes-cpu")
     try:
@@ -406,6 +431,16 @@ def train_from_args(args) -> dict:
                      train_annotations=args.train_annotations, val_images=args.val_images,
                      val_annotations=args.val_annotations, data_root=args.data,
                      time_budget_minutes=args.time_budget, resume=args.resume, device=args.device,
-                     max_iter=args.max_iter, evaluate=not args.no_eval)
+                     max_iter=args.max_iter, evaluate=not args.no_eval,
+                     num_classes_fixed_by=num_classes_fixed_by)
     finally:
         distrib.cleanup_distributed()
+
+
+def _json_sets_num_classes(name_or_path: str) -> bool:
+    """Whether ``--config`` is a JSON file that sets ``num_classes`` itself (presets adapt)."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        return False
+    values = json.loads(path.read_text())
+    return isinstance(values, dict) and "num_classes" in values
