@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -30,7 +31,9 @@ from minimrcnn.engine import checkpoint as ckpt
 from minimrcnn.engine import distributed as distrib
 from minimrcnn.engine.device import resolve_device
 from minimrcnn.engine.evaluate import evaluate_model
+from minimrcnn.engine.interrupts import StopRequests, TrainingInterrupted
 from minimrcnn.engine.logging import LOSS_NAMES, MetricsWriter, plot_loss_curve, read_metrics
+from minimrcnn.engine.progress import Progress
 from minimrcnn.engine.schedule import (CALIBRATION_ITERS, CALIBRATION_SKIP, BudgetPlanner, lr_factor,
                                        stretch_warmup)
 
@@ -191,6 +194,17 @@ def _classes_from_data(config: Config, train_dataset, val_dataset, paths: dict, 
                               announce=print if announce else (lambda line: None))
 
 
+def _stop_requested(stops: StopRequests, info, iteration: int, log_period: int) -> bool:
+    """Whether to stop after ``iteration``. Alone: as soon as a signal came. Under DDP every
+    process must stop at the same iteration, so they agree every ``log_period`` iterations,
+    where the loop waits for the device anyway."""
+    if not info.is_distributed:
+        return stops.requested
+    if iteration % log_period:
+        return False
+    return distrib.all_reduce_max(float(stops.requested))[0] > 0
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -341,10 +355,7 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
 
     writer = MetricsWriter(out_dir / "metrics.jsonl", resume_from_iteration=start_iter if saved else None) \
         if info.is_main else None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=max_iter, initial=start_iter, disable=not (progress and info.is_main),
-               desc="train", dynamic_ncols=True)
+    bar = Progress(max_iter, initial=start_iter, desc="train", enabled=progress and info.is_main)
     window: list[torch.Tensor] = []
     window_start = start_iter
     planner = BudgetPlanner(budget_seconds, call_start, device, model, val_dataset) \
@@ -355,6 +366,7 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
         return time.perf_counter() - loop_start
 
     iteration = start_iter
+    stops = StopRequests().__enter__()  # Ctrl-C / SIGTERM: checkpoint at the iteration, then stop
     try:
         while iteration < max_iter:
             lr = config.base_lr * lr_factor(iteration, max_iter, warmup_iters, config.warmup_factor,
@@ -374,8 +386,7 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
                 max_iter, is_first_plan = plan
                 if is_first_plan:  # the warm-up keeps its fraction; later plans leave it be
                     warmup_iters = stretch_warmup(config.warmup_iters, config.max_iter, max_iter)
-                bar.total = max_iter
-                bar.refresh()
+                bar.set_total(max_iter)
             at_end = iteration >= max_iter
             if iteration % log_period == 0 or at_end:
                 rows = torch.stack(window)
@@ -386,14 +397,21 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
                           "loss": sum(means), **dict(zip(loss_names, means))}
                 if writer is not None:
                     writer.write(record)
-                bar.set_postfix({n.removeprefix("loss_"): f"{v:.3f}" for n, v in zip(loss_names, means)},
-                                refresh=False)
+                bar.set_losses(dict(zip(loss_names, means)))
                 window, window_start = [], iteration
             if info.is_main and (iteration % config.checkpoint_period == 0 or at_end):
                 if window:  # never checkpoint weights that a NaN loss may already have touched
                     _raise_if_nonfinite(torch.stack(window), window_start, loss_names)
                 save(last_path, iteration)
+            if not at_end and _stop_requested(stops, info, iteration, log_period):
+                if info.is_main:
+                    if window:
+                        _raise_if_nonfinite(torch.stack(window), window_start, loss_names)
+                    save(last_path, iteration)
+                distrib.barrier()
+                raise TrainingInterrupted(iteration, stops.signal_number or signal.SIGTERM)
     finally:
+        stops.__exit__(None, None, None)
         bar.close()
         batches = None  # shuts down loader workers, which would otherwise prefetch forever
         if writer is not None:
