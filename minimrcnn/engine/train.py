@@ -426,7 +426,8 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
                         title=f"{config.name}: training losses")
     if val_dataset is not None:
         summary.update(evaluate_model(model, val_dataset, paths["val_annotations"], device,
-                                      batch_size=max(1, config.batch_size // info.world_size)))
+                                      batch_size=max(1, config.batch_size // info.world_size),
+                                      report_dir=out_dir))
     if info.is_main:
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     distrib.barrier()
