@@ -31,6 +31,9 @@ class Config:
     pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     size_divisibility: int = 32  # pad the batch so every FPN level divides evenly
     hflip_prob: float = 0.5
+    # Colour jitter in training (issue 13): brightness, contrast and saturation factors drawn
+    # from [1 - s, 1 + s] per image; 0 (the paper: flips only) leaves the data untouched.
+    color_jitter: float = 0.0
 
     # ---- backbone (ResNet, torchvision parameter layout) ----
     backbone_depth: int = 50  # 18, 34, 50 or 101

@@ -127,9 +127,11 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.SGD:
 
 def build_train_loader(dataset, config: Config, sampler, device: torch.device):
     from minimrcnn.data import collate
-    from minimrcnn.data.transforms import RandomHorizontalFlip
+    from minimrcnn.data.transforms import ColorJitter, Compose, RandomHorizontalFlip
 
     transform = RandomHorizontalFlip(config.hflip_prob) if config.hflip_prob > 0 else None
+    if config.color_jitter > 0:  # after the flip, so that runs without jitter draw as before
+        transform = Compose([t for t in (transform, ColorJitter(config.color_jitter)) if t is not None])
     return torch.utils.data.DataLoader(
         SeededSamples(dataset, transform), batch_sampler=sampler, collate_fn=collate,
         num_workers=config.num_workers, persistent_workers=config.num_workers > 0,
