@@ -30,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--num-val", type=int, default=200)
     shapes.add_argument("--image-size", type=int, default=128)
     shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--classes", default=None, metavar="A,B,...",
+                        help="shape classes, among square, circle, triangle, star, hexagon, pentagon, ellipse "
+                             "(default: square,circle,triangle,star)")
+    shapes.add_argument("--size-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="shape extent as fractions of the image side (default: 0.10 0.45)")
+    shapes.add_argument("--shading", type=float, default=0.0,
+                        help="0: flat colours; up to 1: lighting ramp and texture across each shape")
 
     train = commands.add_parser("train", help="train a model (torchrun-aware)")
     train.add_argument("--config", default=None,
@@ -67,11 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "data":
-        from minimrcnn.data.shapes import generate_shapes
+    if args.command == "train":
+        from minimrcnn.engine.interrupts import TrainingInterrupted
 
+        try:
+            return _run(args)
+        except TrainingInterrupted as stop:  # the checkpoint is written; one line, no traceback
+            print(stop, file=sys.stderr)
+            return stop.exit_status
+    return _run(args)
+
+
+def _run(args) -> int:
+    if args.command == "data":
+        from minimrcnn.data.shapes import SIZE_RANGE, THING_NAMES, generate_shapes
+
+        classes = tuple(name.strip() for name in args.classes.split(",")) if args.classes else THING_NAMES
         generate_shapes(args.out, num_train=args.num_train, num_val=args.num_val,
-                        image_size=args.image_size, seed=args.seed)
+                        image_size=args.image_size, seed=args.seed, classes=classes,
+                        size_range=tuple(args.size_range) if args.size_range else SIZE_RANGE,
+                        shading=args.shading)
         return 0
     if args.command == "train":
         from minimrcnn.engine.train import train_from_args
@@ -79,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         train_from_args(args)
         return 0
     if args.command == "evaluate":
-        from minimrcnn.evaluation.coco import evaluate_from_args
+        from minimrcnn.engine.evaluate import evaluate_from_args
 
         evaluate_from_args(args)
         return 0

@@ -13,13 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
-
-# The box coder never lets a predicted width/height grow by more than 1000/16 (Detectron2).
-DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
-
 
 @dataclass(frozen=True)
 class Config:
@@ -36,6 +31,9 @@ class Config:
     pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     size_divisibility: int = 32  # pad the batch so every FPN level divides evenly
     hflip_prob: float = 0.5
+    # Colour jitter in training (issue 13): brightness, contrast and saturation factors drawn
+    # from [1 - s, 1 + s] per image; 0 (the paper: flips only) leaves the data untouched.
+    color_jitter: float = 0.0
 
     # ---- backbone (ResNet, torchvision parameter layout) ----
     backbone_depth: int = 50  # 18, 34, 50 or 101
@@ -231,4 +229,4 @@ def list_configs() -> list[str]:
     return sorted(_PRESETS)
 
 
-__all__ = ["Config", "get_config", "list_configs", "DEFAULT_SCALE_CLAMP"]
+__all__ = ["Config", "get_config", "list_configs"]

@@ -144,3 +144,52 @@ def test_bad_arguments():
         RandomHorizontalFlip(1.5)
     with pytest.raises(ValueError, match="std"):
         Normalize((0, 0, 0), (1, 0, 1))
+
+
+# ------------------------------------------------------------------ colour jitter
+
+
+def colour_jitter_reference(image, brightness, contrast, saturation):
+    """float64 NumPy reference of ColorJitter with given factors."""
+    x = image.double().numpy() * brightness
+    luma = np.array([0.299, 0.587, 0.114]).reshape(3, 1, 1)
+    mean_grey = (x * luma).sum(0).mean()
+    x = (x - mean_grey) * contrast + mean_grey
+    grey = (x * luma).sum(0, keepdims=True)
+    x = (x - grey) * saturation + grey
+    return np.clip(x, 0, 1)
+
+
+def test_colour_jitter_matches_the_reference_and_keeps_the_target():
+    from minimrcnn.data.transforms import ColorJitter
+
+    image = torch.rand(3, 9, 7, generator=torch.Generator().manual_seed(0))
+    target = {"boxes": torch.tensor([[1.0, 2.0, 5.0, 6.0]]), "masks": torch.ones(1, 9, 7, dtype=torch.uint8)}
+    torch.manual_seed(3)
+    draws = [1 + 0.4 * (2 * float(torch.rand(())) - 1) for _ in range(3)]
+    torch.manual_seed(3)
+    jittered, same_target = ColorJitter(0.4)(image, target)
+    assert same_target is target
+    np.testing.assert_allclose(jittered.numpy(), colour_jitter_reference(image, *draws), atol=1e-6)
+    assert not torch.allclose(jittered, image)
+    assert ColorJitter(0.0)(image, target)[0] is image
+    with pytest.raises(ValueError, match="strength"):
+        ColorJitter(1.5)
+
+
+def test_training_loader_applies_colour_jitter_only_when_asked(tiny_shapes):
+    import dataclasses
+
+    from minimrcnn.config import get_config
+    from minimrcnn.data.transforms import ColorJitter
+    from minimrcnn.engine.distributed import InfiniteBatchSampler
+    from minimrcnn.engine.train import build_train_loader
+
+    dataset = CocoInstances(tiny_shapes / "images", tiny_shapes / "annotations" / "instances_train.json")
+    sampler = InfiniteBatchSampler(len(dataset), 2, 0, 0, 1, 1)
+    plain = get_config("shapes-cpu")
+    assert isinstance(build_train_loader(dataset, plain, sampler, torch.device("cpu")).dataset.transform,
+                      RandomHorizontalFlip)
+    jittered = build_train_loader(dataset, dataclasses.replace(plain, color_jitter=0.3), sampler,
+                                  torch.device("cpu")).dataset.transform
+    assert isinstance(jittered, Compose) and isinstance(jittered.transforms[-1], ColorJitter)

@@ -69,12 +69,57 @@ COORD_DECIMALS = 2  # polygon coordinates are rounded before rasterizing, so JSO
 SEGMENT_ID_MULTIPLIER = 0x9E3779  # odd, hence a bijection mod 2^24: distinct, visible segment colours
 PNG_COMPRESS_LEVEL = 1  # noisy images barely compress; level 1 writes them several times faster
 
+# ---- variants (python -m minimrcnn data shapes --classes ... --size-range ... --shading ...)
+# Sets made with other settings than these defaults test a model on data it was not tuned on.
+# With all defaults the generator draws exactly the random numbers, hence writes exactly the
+# bytes, that it did before variants existed.
+SHAPE_NAMES = ("square", "circle", "triangle", "star", "hexagon", "pentagon", "ellipse")  # drawable
+ELLIPSE_AXIS_RATIO = 0.55  # minor / major axis: far enough from a circle to be its own class
+DEFAULT_VARIANT = {"classes": THING_NAMES, "size_range": SIZE_RANGE, "shading": 0.0}
+
 
 # ---------------------------------------------------------------- geometry
 
 
-def _unit_polygon(category_id: int) -> np.ndarray:
+def check_variant(classes=THING_NAMES, size_range=SIZE_RANGE, shading: float = 0.0) -> dict:
+    """The settings of a shapes variant, validated; names the bad option."""
+    classes = tuple(classes)
+    unknown = [name for name in classes if name not in SHAPE_NAMES]
+    if unknown or not classes or len(set(classes)) != len(classes):
+        raise ValueError(f"classes: expected distinct names among {SHAPE_NAMES}, got {list(classes)}")
+    low, high = (float(v) for v in size_range)
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"size_range: expected 0 < low <= high <= 1 (fractions of the image side), "
+                         f"got {list(size_range)}")
+    if not 0 <= shading <= 1:
+        raise ValueError(f"shading: expected a value in [0, 1], got {shading}")
+    return {"classes": classes, "size_range": (low, high), "shading": float(shading)}
+
+
+def categories_of_variant(classes=THING_NAMES) -> list[dict]:
+    """Panoptic categories: things 1..K in ``classes`` order, then sky K+1 and ground K+2."""
+    things = [{"id": i + 1, "name": n, "supercategory": "shape", "isthing": 1} for i, n in enumerate(classes)]
+    stuff = [{"id": len(classes) + 1 + i, "name": n, "supercategory": "background", "isthing": 0}
+             for i, n in enumerate(STUFF_NAMES)]
+    return things + stuff
+
+
+def _regular_polygon(num_vertices: int) -> np.ndarray:
+    angles = math.pi / 2 + np.arange(num_vertices) * 2 * math.pi / num_vertices
+    return 0.5 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+
+
+def _unit_polygon(category_id: int, classes=THING_NAMES) -> np.ndarray:
     """Vertices [V, 2] of a shape centred at 0 whose unrotated extent is about 1."""
+    name = classes[category_id - 1] if 1 <= category_id <= len(classes) else None
+    if name == "hexagon":
+        return _regular_polygon(6)
+    if name == "pentagon":
+        return _regular_polygon(5)
+    if name == "ellipse":
+        angles = np.linspace(0, 2 * math.pi, CIRCLE_VERTICES, endpoint=False)
+        return 0.5 * np.stack([np.cos(angles), ELLIPSE_AXIS_RATIO * np.sin(angles)], axis=1)
+    category_id = THING_NAMES.index(name) + 1 if name in THING_NAMES else 0
     if category_id == 1:  # square
         return np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
     if category_id == 2:  # circle
@@ -87,15 +132,15 @@ def _unit_polygon(category_id: int) -> np.ndarray:
         radii = 0.5 * np.where(np.arange(2 * STAR_POINTS) % 2 == 0, 1.0, STAR_INNER_RATIO)
         return radii[:, None] * np.stack([np.cos(angles), np.sin(angles)], axis=1)
     else:
-        raise ValueError(f"category_id: expected a thing id in 1..4, got {category_id}")
+        raise ValueError(f"category_id: expected a thing id in 1..{len(classes)}, got {category_id}")
     return 0.5 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
 
 
-def _place_polygon(rng, category_id, size, image_size, centre=None) -> list[float]:
+def _place_polygon(rng, category_id, size, image_size, centre=None, classes=THING_NAMES) -> list[float]:
     """A rotated, scaled shape inside the image, as a flat COCO polygon [x0, y0, x1, y1, ...]."""
     angle = rng.uniform(0, 2 * math.pi)
     rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    vertices = _unit_polygon(category_id) @ rotation.T * size  # [V, 2]
+    vertices = _unit_polygon(category_id, classes) @ rotation.T * size  # [V, 2]
     extent = float((vertices.max(axis=0) - vertices.min(axis=0)).max())
     if extent > image_size - 1:  # a big rotated shape must still fit inside the image
         vertices *= (image_size - 1) / extent
@@ -192,27 +237,29 @@ def _hsv_to_rgb(hue: float, saturation: float, value: float) -> np.ndarray:
 # ---------------------------------------------------------------- one image
 
 
-def _draw_candidates(rng, size: int, with_crowd: bool) -> list[dict]:
+def _draw_candidates(rng, size: int, with_crowd: bool, variant: dict = DEFAULT_VARIANT) -> list[dict]:
     """Shapes in painting order (bottom first), each with its polygons and full mask."""
+    classes, size_range = variant["classes"], variant["size_range"]
     candidates = []
     num_instances = int(rng.integers(1, MAX_INSTANCES + 1))
     if rng.uniform() < LARGE_PROBABILITY:
         num_instances = min(num_instances, 3)
-        sizes = [rng.uniform(*LARGE_SIZE_RANGE)] + [rng.uniform(*SIZE_RANGE) for _ in range(num_instances - 1)]
+        sizes = [rng.uniform(*LARGE_SIZE_RANGE)] + [rng.uniform(*size_range) for _ in range(num_instances - 1)]
     else:
-        sizes = [rng.uniform(*SIZE_RANGE) for _ in range(num_instances)]
+        sizes = [rng.uniform(*size_range) for _ in range(num_instances)]
     for relative_size in sizes:
-        category_id = int(rng.integers(1, len(THING_NAMES) + 1))
-        polygon = _place_polygon(rng, category_id, relative_size * size, size)
+        category_id = int(rng.integers(1, len(classes) + 1))
+        polygon = _place_polygon(rng, category_id, relative_size * size, size, classes=classes)
         candidates.append({"category_id": category_id, "polygons": [polygon], "iscrowd": 0})
     if with_crowd:  # a cluster of tiny shapes of one class, painted on top
-        category_id = int(rng.integers(1, len(THING_NAMES) + 1))
+        category_id = int(rng.integers(1, len(classes) + 1))
         centre = rng.uniform(0.2 * size, 0.8 * size, 2)
         polygons = []
         for _ in range(int(rng.integers(*CROWD_MEMBERS))):
             offset = rng.uniform(-0.12 * size, 0.12 * size, 2)
             member_size = rng.uniform(0.04, 0.07) * size
-            polygons.append(_place_polygon(rng, category_id, member_size, size, centre=centre + offset))
+            polygons.append(_place_polygon(rng, category_id, member_size, size, centre=centre + offset,
+                                           classes=classes))
         candidates.append({"category_id": category_id, "polygons": polygons, "iscrowd": 1})
     for shape in candidates:
         masks = [rasterize_polygon(p, size, size) for p in shape["polygons"]]
@@ -256,16 +303,29 @@ ids_to_rgb = id_to_rgb
 rgb_to_ids = rgb_to_id
 
 
-def render_image(seed: int, split: str, index: int, size: int) -> dict:
+def _shade(rng, colour: np.ndarray, mask: np.ndarray, size: int, shading: float) -> np.ndarray:
+    """Pixels [P, 3] of a shape lit from a random side, with a fine texture: a linear brightness
+    ramp of +-shading across the image and noise of amplitude shading / 2."""
+    angle = rng.uniform(0, 2 * math.pi)
+    ys, xs = np.nonzero(mask)
+    ramp = ((xs - size / 2) * math.cos(angle) + (ys - size / 2) * math.sin(angle)) / size  # about [-0.5, 0.5]
+    texture = _smooth_noise(rng, size, max(2, size // 6))[ys, xs]
+    brightness = 1 + 2 * shading * ramp + 0.5 * shading * texture
+    return np.clip(colour[None, :] * brightness[:, None], 0, 1)
+
+
+def render_image(seed: int, split: str, index: int, size: int, variant: dict = DEFAULT_VARIANT) -> dict:
     """Draw one image: RGB uint8 [S, S, 3], its kept shapes, panoptic ids [S, S] and segments."""
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     with_crowd = split == "val" and index % CROWD_EVERY == 1
     rgb, sky = _draw_background(rng, size)
-    shapes = _keep_visible(_draw_candidates(rng, size, with_crowd))
+    shapes = _keep_visible(_draw_candidates(rng, size, with_crowd, variant))
     for shape in shapes:  # bottom first: later shapes paint over earlier ones
         mask = shape["full_mask"]
         colour = _pick_colour(rng, rgb[mask].mean(axis=0))
         rgb[mask] = np.clip(colour + rng.uniform(-0.03, 0.03, 3), 0, 1)
+        if variant["shading"] > 0:  # drawn only then: the default set keeps its exact bytes
+            rgb[mask] = _shade(rng, rgb[mask][0], mask, size, variant["shading"])
     rgb = rgb + rng.normal(0, rng.uniform(0.01, 0.035), rgb.shape)
     pixels = np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8)
 
@@ -275,7 +335,8 @@ def render_image(seed: int, split: str, index: int, size: int) -> dict:
     for shape in shapes:
         things |= shape["visible_mask"]
     regions = [(s["visible_mask"], s["category_id"], s["iscrowd"]) for s in shapes]
-    regions += [(sky & ~things, SKY_ID, 0), (~sky & ~things, GROUND_ID, 0)]
+    sky_id, ground_id = len(variant["classes"]) + 1, len(variant["classes"]) + 2  # SKY_ID, GROUND_ID by default
+    regions += [(sky & ~things, sky_id, 0), (~sky & ~things, ground_id, 0)]
     for mask, category_id, iscrowd in regions:
         if not mask.any():
             continue
@@ -288,9 +349,9 @@ def render_image(seed: int, split: str, index: int, size: int) -> dict:
 
 def _write_image(job: tuple) -> tuple[list[dict], list[dict]]:
     """Render and write one image; returns (annotations without ids, panoptic segments)."""
-    out_dir, seed, split, index, size = job
+    out_dir, seed, split, index, size, variant = job
     image_id = index + 1
-    drawn = render_image(seed, split, index, size)
+    drawn = render_image(seed, split, index, size, variant)
     name = f"{split}_{image_id:06d}.png"
     Image.fromarray(drawn["pixels"]).save(out_dir / "images" / name, compress_level=PNG_COMPRESS_LEVEL)
     Image.fromarray(ids_to_rgb(drawn["panoptic"])).save(out_dir / "panoptic" / split / name)
@@ -304,12 +365,16 @@ def _write_image(job: tuple) -> tuple[list[dict], list[dict]]:
 # ---------------------------------------------------------------- the dataset
 
 
-def _write_split(out_dir: Path, split: str, num_images: int, size: int, seed: int, pool) -> None:
-    jobs = [(out_dir, seed, split, index, size) for index in range(num_images)]
+def _write_split(out_dir: Path, split: str, num_images: int, size: int, seed: int, pool,
+                 variant: dict = DEFAULT_VARIANT) -> None:
+    jobs = [(out_dir, seed, split, index, size, variant) for index in range(num_images)]
     results = pool.map(_write_image, jobs, chunksize=32) if pool else map(_write_image, jobs)
     info = {"description": "minimrcnn synthetic shapes", "version": "1.0",
             "minimrcnn_shapes": {"split": split, "num_images": num_images, "image_size": size, "seed": seed,
-                                 "version": FORMAT_VERSION}}
+                                 "version": FORMAT_VERSION,
+                                 # recorded only when not the default, so the default files keep their bytes
+                                 **({"variant": {k: list(v) if isinstance(v, tuple) else v
+                                                 for k, v in variant.items()}} if variant != DEFAULT_VARIANT else {})}}
     images, annotations, panoptic_annotations = [], [], []
     for index, (image_annotations, segments) in enumerate(results):
         image_id = index + 1
@@ -319,18 +384,24 @@ def _write_split(out_dir: Path, split: str, num_images: int, size: int, seed: in
             annotations.append({"id": len(annotations) + 1, **annotation})
         panoptic_annotations.append({"image_id": image_id, "file_name": name, "segments_info": segments})
     licenses = [{"id": 1, "name": "CC0 (synthetic)", "url": ""}]
-    things = [{k: c[k] for k in ("id", "name", "supercategory")} for c in SHAPES_CATEGORIES if c["isthing"]]
+    categories = categories_of_variant(variant["classes"])
+    things = [{k: c[k] for k in ("id", "name", "supercategory")} for c in categories if c["isthing"]]
     instances = {"info": info, "licenses": licenses, "images": images,
                  "annotations": annotations, "categories": things}
     panoptic = {"info": info, "licenses": licenses, "images": images,
-                "annotations": panoptic_annotations, "categories": SHAPES_CATEGORIES}
+                "annotations": panoptic_annotations, "categories": categories}
     for kind, content in (("instances", instances), ("panoptic", panoptic)):
         (out_dir / "annotations" / f"{kind}_{split}.json").write_text(json.dumps(content, separators=(",", ":")))
 
 
 def generate_shapes(out_dir, num_train: int = NUM_TRAIN, num_val: int = NUM_VAL, image_size: int = IMAGE_SIZE,
-                    seed: int = SEED, num_workers: int | None = None) -> Path:
+                    seed: int = SEED, num_workers: int | None = None, classes=THING_NAMES,
+                    size_range=SIZE_RANGE, shading: float = 0.0) -> Path:
     """Generate the shapes dataset into ``out_dir`` (replacing a previous shapes set there).
+
+    A variant: ``classes`` (names among ``SHAPE_NAMES``, category ids 1..K in this order),
+    ``size_range`` (shape extent as fractions of the image side) and ``shading`` (0: flat
+    colours; up to 1: a lighting ramp and texture of that strength across each shape).
 
     The set is written to a temporary sibling folder and renamed into place, so an
     interrupted run never leaves a half dataset. Returns ``out_dir`` as a Path.
@@ -338,6 +409,7 @@ def generate_shapes(out_dir, num_train: int = NUM_TRAIN, num_val: int = NUM_VAL,
     for name, value, low in (("num_train", num_train, 0), ("num_val", num_val, 0), ("image_size", image_size, 16)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+    variant = check_variant(classes, size_range, shading)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not _is_shapes_set(out_dir):
         raise ValueError(f"out_dir: {out_dir} exists and is not a shapes dataset; refusing to replace it")
@@ -351,11 +423,11 @@ def generate_shapes(out_dir, num_train: int = NUM_TRAIN, num_val: int = NUM_VAL,
     try:
         if num_workers > 1:
             with multiprocessing.get_context("spawn" if os.name == "nt" else "fork").Pool(num_workers) as pool:
-                _write_split(staging, "train", num_train, image_size, seed, pool)
-                _write_split(staging, "val", num_val, image_size, seed, pool)
+                _write_split(staging, "train", num_train, image_size, seed, pool, variant)
+                _write_split(staging, "val", num_val, image_size, seed, pool, variant)
         else:
-            _write_split(staging, "train", num_train, image_size, seed, None)
-            _write_split(staging, "val", num_val, image_size, seed, None)
+            _write_split(staging, "train", num_train, image_size, seed, None, variant)
+            _write_split(staging, "val", num_val, image_size, seed, None, variant)
         if out_dir.exists():
             retired = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
             out_dir.rename(retired)

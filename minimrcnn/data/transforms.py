@@ -98,6 +98,41 @@ class RandomHorizontalFlip:
         return f"RandomHorizontalFlip(p={self.p})"
 
 
+class ColorJitter:
+    """Random brightness, contrast and saturation, each a factor drawn from [1 - s, 1 + s].
+
+    On an image in [0, 1], in this order: brightness scales every pixel; contrast moves each
+    pixel from the image's mean grey by the factor; saturation moves it from its own grey
+    (luma, ITU-R BT.601 weights). The result is clipped to [0, 1]; the target is unchanged
+    (colour changes move no object). Colour is the only cue between some classes of a
+    synthetic set, so jitter teaches a model to rely on shape instead.
+    """
+
+    LUMA = (0.299, 0.587, 0.114)
+
+    def __init__(self, strength: float):
+        if not 0 <= strength < 1:
+            raise ValueError(f"strength: expected a value in [0, 1), got {strength!r}")
+        self.strength = float(strength)
+
+    def _factor(self) -> float:
+        return 1 + self.strength * (2 * float(torch.rand(())) - 1)
+
+    def __call__(self, image, target=None):
+        if self.strength == 0:
+            return image, target
+        brightness, contrast, saturation = self._factor(), self._factor(), self._factor()
+        luma = torch.tensor(self.LUMA, dtype=image.dtype).reshape(3, 1, 1)
+        image = image * brightness
+        image = (image - (image * luma).sum(0).mean()) * contrast + (image * luma).sum(0).mean()
+        grey = (image * luma).sum(0, keepdim=True)  # [1, H, W]
+        image = (image - grey) * saturation + grey
+        return image.clamp(0, 1), target
+
+    def __repr__(self):
+        return f"ColorJitter(strength={self.strength})"
+
+
 class Normalize:
     """image <- (image - mean) / std per channel; the target is unchanged."""
 

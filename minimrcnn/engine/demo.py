@@ -5,6 +5,9 @@ CUDA is present) for as many iterations as the budget allows, the schedule stret
 fit; COCO-evaluate on shapes val and print the AP table; write into the output folder
 
     predictions.png   six val images with predicted masks, boxes, classes and scores
+    per_class.txt     AP / AP50 / AP75 per class (bbox, segm), class-aware and class-agnostic
+    per_class.json    the same, with the confusion matrix counts
+    confusion_matrix.png  true class x predicted class at IoU >= 0.5, plus missed and background
     loss_curve.png    the five losses and their sum
     metrics.json      {"bbox": {AP, AP50, AP75, APs, APm, APl}, "segm": {...},
                        "train_seconds", "job_seconds", "device", "iterations", "config"}
@@ -24,10 +27,12 @@ import torch
 from minimrcnn.config import get_config
 from minimrcnn.engine.checkpoint import load_model
 from minimrcnn.engine.predict import class_names_of
-from minimrcnn.engine.train import resolve_device, shapes_root, train
+from minimrcnn.engine.device import resolve_device
+from minimrcnn.engine.train import shapes_root, train
 
 JOB_BUDGET_MINUTES = 9.0  # the whole job; a minute of slack under the 10-minute bar
 PICTURES_RESERVE_SECONDS = 10.0  # loading the final model and drawing the grid
+PER_CLASS_RESERVE_SECONDS = 10.0  # per-class AP and confusion matrix after the COCO evaluation
 GRID_ROWS, GRID_COLUMNS = 2, 3
 SCORE_THRESH = 0.5  # detections drawn in the grid
 
@@ -69,7 +74,7 @@ def run_demo(args) -> dict:
     config = get_config("shapes-gpu" if device.type == "cuda" else "shapes-cpu")
     budget_minutes = args.time_budget if args.time_budget is not None else JOB_BUDGET_MINUTES
     spent_seconds = time.perf_counter() - job_start
-    train_minutes = budget_minutes - (spent_seconds + PICTURES_RESERVE_SECONDS) / 60
+    train_minutes = budget_minutes - (spent_seconds + PICTURES_RESERVE_SECONDS + PER_CLASS_RESERVE_SECONDS) / 60
     if train_minutes <= 0:
         raise ValueError(f"time_budget: {budget_minutes} minutes leave no time for training "
                          f"after {spent_seconds:.0f} s of data preparation")
@@ -80,9 +85,9 @@ def run_demo(args) -> dict:
 
     from minimrcnn.data import CocoInstances
 
-    model, _ = load_model(out_dir / "model_final.pth", device)
+    model, model_config = load_model(out_dir / "model_final.pth", device)
     val_dataset = CocoInstances(root / "images", root / "annotations/instances_val.json")
-    draw_prediction_grid(model, val_dataset, class_names_of(out_dir / "model_final.pth", config.num_classes),
+    draw_prediction_grid(model, val_dataset, class_names_of(out_dir / "model_final.pth", model_config.num_classes),
                          out_dir / "predictions.png", device)
     summary["job_seconds"] = round(time.perf_counter() - job_start, 1)
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")

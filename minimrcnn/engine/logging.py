@@ -11,7 +11,8 @@ import json
 import math
 from pathlib import Path
 
-LOSS_NAMES = ("loss_objectness", "loss_rpn_box", "loss_classifier", "loss_box", "loss_mask")
+from minimrcnn.modeling.model import LOSS_NAMES  # the model names its losses; one list for both
+
 FEW_POINTS = 20  # below this many records, mark each point (a single one draws no line)
 
 
