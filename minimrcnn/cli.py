@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         train_from_args(args)
         return 0
     if args.command == "evaluate":
-        from minimrcnn.evaluation.coco import evaluate_from_args
+        from minimrcnn.engine.evaluate import evaluate_from_args
 
         evaluate_from_args(args)
         return 0

@@ -13,13 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
-
-# The box coder never lets a predicted width/height grow by more than 1000/16 (Detectron2).
-DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
-
 
 @dataclass(frozen=True)
 class Config:
@@ -254,4 +249,4 @@ def list_configs() -> list[str]:
     return sorted(_PRESETS)
 
 
-__all__ = ["Config", "get_config", "list_configs", "DEFAULT_SCALE_CLAMP"]
+__all__ = ["Config", "get_config", "list_configs"]

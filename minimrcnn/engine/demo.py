@@ -24,7 +24,8 @@ import torch
 from minimrcnn.config import get_config
 from minimrcnn.engine.checkpoint import load_model
 from minimrcnn.engine.predict import class_names_of
-from minimrcnn.engine.train import resolve_device, shapes_root, train
+from minimrcnn.engine.device import resolve_device
+from minimrcnn.engine.train import shapes_root, train
 
 JOB_BUDGET_MINUTES = 9.0  # the whole job; a minute of slack under the 10-minute bar
 PICTURES_RESERVE_SECONDS = 10.0  # loading the final model and drawing the grid

@@ -11,8 +11,9 @@ import json
 import math
 from pathlib import Path
 
-LOSS_NAMES = ("loss_objectness", "loss_rpn_box", "loss_classifier", "loss_box", "loss_mask")
-OPTIONAL_LOSS_NAMES = ("loss_semantic",)  # only some models have them (Panoptic FPN's semantic branch)
+from minimrcnn.modeling.model import LOSS_NAMES, SEMANTIC_LOSS_NAME  # the model names its losses; one list for both
+
+OPTIONAL_LOSS_NAMES = (SEMANTIC_LOSS_NAME,)  # only some models have them (Panoptic FPN's semantic branch)
 FEW_POINTS = 20  # below this many records, mark each point (a single one draws no line)
 
 

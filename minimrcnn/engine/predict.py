@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from minimrcnn.engine.checkpoint import load_checkpoint, load_model
-from minimrcnn.engine.train import resolve_device
+from minimrcnn.engine.device import resolve_device
 
 FIGURE_DPI = 100
 INCHES_PER_PIXEL = 1 / 50  # a 128-pixel image becomes a 2.6-inch picture: captions stay legible

@@ -28,6 +28,8 @@ import torch
 from minimrcnn.config import Config, get_config
 from minimrcnn.engine import checkpoint as ckpt
 from minimrcnn.engine import distributed as distrib
+from minimrcnn.engine.device import resolve_device
+from minimrcnn.engine.evaluate import evaluate_model
 from minimrcnn.engine.logging import LOSS_NAMES, MetricsWriter, plot_loss_curve, read_metrics
 from minimrcnn.engine.schedule import (CALIBRATION_ITERS, CALIBRATION_SKIP, BudgetPlanner, lr_factor,
                                        stretch_warmup)
@@ -38,15 +40,6 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---------------------------------------------------------------- building blocks
-
-
-def resolve_device(device=None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device} requested but CUDA is not available")
-    return device
 
 
 def shapes_root(data_root) -> Path:
@@ -397,36 +390,6 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     distrib.barrier()
     return summary
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-def evaluate_model(model, val_dataset, annotation_file, device, batch_size: int = 8,
-                   print_table: bool = True) -> dict:
-    """COCO bbox and segm AP of ``model`` on ``val_dataset``, each process predicting a shard.
-
-    Returns ``{"bbox": {...}, "segm": {...}}`` (AP as fractions) on every process.
-    """
-    from minimrcnn.evaluation.coco import evaluate_coco, format_ap_table, predictions_to_coco_results
-    from minimrcnn.evaluation.inference import predict_dataset
-
-    info = distrib.get_info()
-    model = ckpt.unwrap_model(model).eval()
-    shard = torch.utils.data.Subset(val_dataset, distrib.shard_indices(len(val_dataset), info.rank,
-                                                                       info.world_size))
-    predictions = predict_dataset(model, shard, device, batch_size)
-    image_ids = [image_id for image_id, _ in predictions]
-    results = predictions_to_coco_results([p for _, p in predictions], image_ids,
-                                          getattr(val_dataset, "category_ids", None))
-    gathered = distrib.all_gather_objects(results)
-    metrics = None
-    if info.is_main:
-        all_results = [r for part in gathered for r in part]
-        metrics = evaluate_coco(str(annotation_file), all_results)
-        if print_table:
-            print(format_ap_table(metrics))
-    return distrib.broadcast_object(metrics)
 
 
 # ---------------------------------------------------------------- command line
