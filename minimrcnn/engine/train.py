@@ -231,7 +231,8 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
     budget: the speed of the first iterations sets ``max_iter`` and the schedule
     stretches to it. Writes ``last.pth`` (every ``checkpoint_period`` iterations and at the
     end), ``model_final.pth``, ``metrics.jsonl`` (a line every ``log_period`` iterations),
-    ``loss_curve.png`` and ``metrics.json``.
+    ``loss_curve.png`` and ``metrics.json``; with ``config.semantic_head`` also the panoptic
+    predictions of val (``panoptic_predictions.json`` and PNGs) and their PQ in the summary.
     """
     call_start = time.perf_counter()
     device = resolve_device(device)
@@ -265,6 +266,14 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
     train_dataset = CocoInstances(paths["train_images"], paths["train_annotations"])
     val_dataset = CocoInstances(paths["val_images"], paths["val_annotations"]) \
         if evaluate and paths["val_images"] is not None else None
+    if config.semantic_head:  # Panoptic FPN: semantic targets from the panoptic ground truth
+        from minimrcnn.engine.panoptic_eval import default_panoptic_paths, panoptic_dataset
+
+        train_dataset = panoptic_dataset(paths["train_images"], paths["train_annotations"],
+                                         *default_panoptic_paths(paths["train_annotations"]), config)
+        if val_dataset is not None:
+            val_dataset = panoptic_dataset(paths["val_images"], paths["val_annotations"],
+                                           *default_panoptic_paths(paths["val_annotations"]), config)
 
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matrix products, as is usual for training
@@ -385,7 +394,8 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
                         title=f"{config.name}: training losses")
     if val_dataset is not None:
         summary.update(evaluate_model(model, val_dataset, paths["val_annotations"], device,
-                                      batch_size=max(1, config.batch_size // info.world_size)))
+                                      batch_size=max(1, config.batch_size // info.world_size),
+                                      panoptic_out=out_dir if config.semantic_head else None))
     if info.is_main:
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     distrib.barrier()
