@@ -80,3 +80,21 @@ def test_evaluate_command_prints_the_pq_table(trained, tiny_shapes, tmp_path, ca
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["panoptic"]["All"]["pq"] == pytest.approx(summary["panoptic"]["All"]["pq"])
     assert (tmp_path / "panoptic_predictions.json").is_file()
+
+
+def test_predict_draws_the_panoptic_map_beside_the_instances(trained, tiny_shapes, tmp_path, one_thread):
+    from PIL import Image
+
+    from minimrcnn.engine.predict import panoptic_categories_of
+
+    out, _ = trained
+    checkpoint = out / "model_final.pth"
+    config = get_config("shapes-cpu-panoptic")
+    names = [c["name"] for c in panoptic_categories_of(checkpoint, config)]
+    assert names == ["square", "circle", "triangle", "star", "sky", "ground"]  # stored at training time
+    image = tiny_shapes / "images/val_000001.png"
+    plain_out, panoptic_out = tmp_path / "plain", tmp_path / "panoptic"
+    assert main(["predict", "--checkpoint", str(checkpoint), str(image), "--out", str(panoptic_out)]) == 0
+    with Image.open(panoptic_out / "val_000001.png") as picture:
+        width, height = picture.size
+    assert width == 2 * height  # two square panels: instances | panoptic

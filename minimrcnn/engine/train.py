@@ -174,8 +174,11 @@ def _check_resume_config(config: Config, saved: dict, path: Path) -> None:
 def _class_info(dataset) -> dict:
     names = getattr(dataset, "class_names", None)
     category_ids = getattr(dataset, "category_ids", None)
-    return {"class_names": list(names) if names is not None else None,
+    info = {"class_names": list(names) if names is not None else None,
             "category_ids": [int(c) for c in category_ids] if category_ids is not None else None}
+    if getattr(dataset, "stuff_names", None) is not None:  # CocoPanoptic: names of the semantic classes
+        info["stuff_names"] = list(dataset.stuff_names)
+    return info
 
 
 # ---------------------------------------------------------------- the loop
