@@ -22,7 +22,9 @@ The rules, per image (segment ids: 0 is void; ``void`` below means gt void pixel
 Like ``pq_compute``, when an image holds several crowd segments of one category only the last
 listed one is used by the false-positive rule, and ground-truth PNG ids missing from the JSON
 are skipped (neither void nor a segment). Unlike it, an empty mean gives 0.0 with n = 0
-instead of dividing by zero.
+instead of dividing by zero, and malformed input it would half-accept is refused with a
+message naming the file: a ground-truth segment of an unknown category, PNGs of different
+sizes, a segment id listed twice or the id 0 (void) in ``segments_info``.
 
 Shape shorthand: H, W image size; ids are int64 [H, W] segment-id maps.
 """
@@ -157,7 +159,7 @@ def pq_from_stats(stats: dict, categories: dict) -> dict:
     result = {}
     for name, wanted in (("All", None), ("Things", True), ("Stuff", False)):
         counted = [per_class[c] for c, info in categories.items()
-                   if (wanted is None or bool(info["isthing"]) == wanted)
+                   if (wanted is None or (info["isthing"] == 1) == wanted)
                    and per_class[c]["tp"] + per_class[c]["fp"] + per_class[c]["fn"] > 0]
         n = len(counted)
         result[name] = {key: sum(c[key] for c in counted) / n if n else 0.0 for key in ("pq", "sq", "rq")}
