@@ -72,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        from minimrcnn.engine.interrupts import TrainingInterrupted
+
+        try:
+            return _run(args)
+        except TrainingInterrupted as stop:  # the checkpoint is written; one line, no traceback
+            print(stop, file=sys.stderr)
+            return stop.exit_status
+    return _run(args)
+
+
+def _run(args) -> int:
     if args.command == "data":
         from minimrcnn.data.shapes import generate_shapes
 

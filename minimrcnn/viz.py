@@ -141,3 +141,24 @@ def describe(name: str, array) -> str:
     line = f"{name:<24} shape {str(tuple(values.shape)):<18} {dtype:<13} min {low:>9}  max {high:>9}"
     print(line)
     return line
+
+
+def draw_confusion_matrix(axes, matrix, class_names, title: str | None = None):
+    """Counts [K + 1, K + 1] (rows: true class + "background", columns: predicted + "missed"),
+    each row shaded by its share so that rare classes read as clearly as common ones."""
+    counts = to_numpy(matrix)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    rows = list(class_names) + ["background"]
+    columns = list(class_names) + ["missed"]
+    axes.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
+    axes.set_yticks(range(len(rows)), rows, fontsize=8)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            axes.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=8,
+                      color="white" if shares[i, j] > 0.5 else "black")
+    if title:
+        axes.set_title(title, fontsize=9)
+    return axes

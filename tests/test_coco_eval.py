@@ -233,6 +233,11 @@ def test_evaluate_command_end_to_end(tiny_shapes, tmp_path, capsys):
     results = json.loads((tmp_path / "eval" / "coco_results.json").read_text())
     assert set(metrics) == {"bbox", "segm"} and set(metrics["segm"]) == set(AP_NAMES)
     assert format_ap_table(metrics) in printed
+    assert "AP per class (%)" in printed and "class-agnostic" in printed
+    report = json.loads((tmp_path / "eval" / "per_class.json").read_text())
+    assert set(report["per_class"]["segm"]) == {c["name"] for c in gt["categories"]}
+    assert report["confusion_matrix"]["rows"][-1] == "background"
+    assert (tmp_path / "eval" / "confusion_matrix.png").stat().st_size > 0
     assert {r["image_id"] for r in results} <= kept
     assert all({"bbox", "segmentation", "score", "category_id"} <= set(r) for r in results)
     valid_categories = {c["id"] for c in gt["categories"]}

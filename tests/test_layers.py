@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minimrcnn"
 # What each low layer may import: outside the package anything listed, inside it only these.
 ALLOWED = {
     "data": {"external": {"__future__", "contextlib", "io", "json", "numbers", "warnings", "pathlib",
-                          "math", "multiprocessing", "os", "shutil", "dataclasses", "typing", "time",
+                          "math", "multiprocessing", "concurrent", "os", "shutil", "dataclasses", "typing", "time",
                           "numpy", "torch", "PIL", "pycocotools"},
              "internal": {"minimrcnn.data"}},
     "evaluation": {"external": {"__future__", "contextlib", "copy", "io", "json", "pathlib", "dataclasses",

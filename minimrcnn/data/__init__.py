@@ -1,6 +1,6 @@
 """Data: the synthetic shapes set, the COCO instances (and panoptic) loader and its transforms."""
 
-from minimrcnn.data.coco import CocoFormatError, CocoInstances, collate
+from minimrcnn.data.coco import CocoFormatError, CocoInstances, ImageFilesError, check_image_files, collate
 from minimrcnn.data.panoptic import CocoPanoptic
 from minimrcnn.data.shapes import SHAPES_CATEGORIES, ensure_shapes, generate_shapes
 from minimrcnn.data.transforms import Compose, Normalize, RandomHorizontalFlip, Resize
@@ -11,9 +11,11 @@ __all__ = [
     "CocoInstances",
     "CocoPanoptic",
     "Compose",
+    "ImageFilesError",
     "Normalize",
     "RandomHorizontalFlip",
     "Resize",
+    "check_image_files",
     "collate",
     "ensure_shapes",
     "generate_shapes",

@@ -30,15 +30,58 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from minimrcnn.data.images import read_rgb_image
+
 REQUIRED_IMAGE_FIELDS = ("id", "file_name", "height", "width")
 REQUIRED_ANNOTATION_FIELDS = ("id", "image_id", "category_id", "bbox", "segmentation")
 REQUIRED_CATEGORY_FIELDS = ("id", "name")
 MAX_DROPPED_IDS_SHOWN = 5
+MAX_BAD_FILES_SHOWN = 5
+FILE_CHECK_THREADS = 8  # header reads wait on the disk, not the CPU: a few threads hide the latency
 MIN_POLYGON_COORDS = 6  # three points
 
 
 class CocoFormatError(ValueError):
     """A COCO annotation file that cannot be read; the message names the file and the entry."""
+
+
+class ImageFilesError(ValueError):
+    """Image files that an annotation file lists but that are missing, unreadable or mis-sized."""
+
+
+def _image_file_problem(path: Path, width: int, height: int) -> str | None:
+    """What is wrong with one listed image file (None: nothing). Reads the header only."""
+    try:
+        with Image.open(path) as picture:  # lazy: decodes no pixels
+            size = picture.size
+    except FileNotFoundError:
+        return f"{path.name}: missing"
+    except (OSError, ValueError) as error:
+        return f"{path.name}: not an image PIL can read ({error})"
+    if size != (width, height):
+        return f"{path.name}: {size[0]}x{size[1]} pixels, listed as {width}x{height}"
+    return None
+
+
+def check_image_files(image_dir, images, annotation_file="the annotations") -> None:
+    """Check at once that every listed image exists and has its listed size.
+
+    images: COCO image entries (``file_name``, ``width``, ``height``). Only file headers
+    are read, in a few threads, so COCO's 118k images take seconds. All problems are
+    reported together in one ``ImageFilesError``: their count and the first few files.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    image_dir = Path(image_dir)
+    images = list(images)
+    with ThreadPoolExecutor(FILE_CHECK_THREADS) as pool:
+        problems = [p for p in pool.map(lambda info: _image_file_problem(
+            image_dir / info["file_name"], info["width"], info["height"]), images) if p is not None]
+    if problems:
+        shown = "; ".join(problems[:MAX_BAD_FILES_SHOWN])
+        more = f"; and {len(problems) - MAX_BAD_FILES_SHOWN} more" if len(problems) > MAX_BAD_FILES_SHOWN else ""
+        raise ImageFilesError(f"{annotation_file}: {len(problems)} of {len(images)} listed image files in "
+                              f"{image_dir} are missing or do not match: {shown}{more}")
 
 
 def _check_fields(path, what: str, entry, fields) -> None:
@@ -169,6 +212,10 @@ class CocoInstances(torch.utils.data.Dataset):
             self.image_ids = [i for i in self.image_ids if self.annotations_of_image[i]]
         self._coco = None
 
+    def check_image_files(self) -> None:
+        """Every image of this dataset exists with its listed size (``ImageFilesError`` if not)."""
+        check_image_files(self.image_dir, (self.images[i] for i in self.image_ids), self.annotation_file)
+
     @property
     def num_classes(self) -> int:
         """Thing classes plus the background (label 0)."""
@@ -197,12 +244,11 @@ class CocoInstances(torch.utils.data.Dataset):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: image file of image id {image_id} not found "
                                     f"(listed in {self.annotation_file})")
-        with Image.open(path) as picture:
-            pixels = np.array(picture.convert("RGB"))  # [H, W, 3] uint8, a writable copy
-        if pixels.shape[:2] != (info["height"], info["width"]):
-            raise ValueError(f"{path}: image id {image_id} is {pixels.shape[1]}x{pixels.shape[0]} pixels but "
+        image = read_rgb_image(path)  # [3, H, W], any mode (16-bit, palette, CMYK, ...)
+        if tuple(image.shape[1:]) != (info["height"], info["width"]):
+            raise ValueError(f"{path}: image id {image_id} is {image.shape[2]}x{image.shape[1]} pixels but "
                              f"{self.annotation_file} says {info['width']}x{info['height']}")
-        return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
+        return image
 
     def load_target(self, image_id: int) -> dict:
         """The target dict of one image id (see the module docstring)."""

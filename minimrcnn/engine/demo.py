@@ -8,6 +8,9 @@ semantics and print the PQ table; write into the output folder
 
     predictions.png   six val images with predicted masks, boxes, classes and scores
     panoptic.png      three val images: instances, predicted panoptic map, true panoptic map
+    per_class.txt     AP / AP50 / AP75 per class (bbox, segm), class-aware and class-agnostic
+    per_class.json    the same, with the confusion matrix counts
+    confusion_matrix.png  true class x predicted class at IoU >= 0.5, plus missed and background
     loss_curve.png    the six losses and their sum
     metrics.json      {"bbox": {AP, AP50, AP75, APs, APm, APl}, "segm": {...},
                        "panoptic": {"All" | "Things" | "Stuff": {pq, sq, rq, n}},
@@ -34,6 +37,7 @@ from minimrcnn.engine.train import shapes_root, train
 
 JOB_BUDGET_MINUTES = 9.0  # the whole job; a minute of slack under the 10-minute bar
 PICTURES_RESERVE_SECONDS = 15.0  # loading the final model and drawing the two pictures
+PER_CLASS_RESERVE_SECONDS = 10.0  # per-class AP and confusion matrix after the COCO evaluation
 GRID_ROWS, GRID_COLUMNS = 2, 3
 PANOPTIC_ROWS = 3  # images in panoptic.png
 SCORE_THRESH = 0.5  # detections drawn in the grid
@@ -110,7 +114,7 @@ def run_demo(args) -> dict:
     config = get_config("shapes-gpu-panoptic" if device.type == "cuda" else "shapes-cpu-panoptic")
     budget_minutes = args.time_budget if args.time_budget is not None else JOB_BUDGET_MINUTES
     spent_seconds = time.perf_counter() - job_start
-    train_minutes = budget_minutes - (spent_seconds + PICTURES_RESERVE_SECONDS) / 60
+    train_minutes = budget_minutes - (spent_seconds + PICTURES_RESERVE_SECONDS + PER_CLASS_RESERVE_SECONDS) / 60
     if train_minutes <= 0:
         raise ValueError(f"time_budget: {budget_minutes} minutes leave no time for training "
                          f"after {spent_seconds:.0f} s of data preparation")
@@ -121,9 +125,9 @@ def run_demo(args) -> dict:
 
     from minimrcnn.data import CocoInstances
 
-    model, _ = load_model(out_dir / "model_final.pth", device)
+    model, model_config = load_model(out_dir / "model_final.pth", device)
     val_dataset = CocoInstances(root / "images", root / "annotations/instances_val.json")
-    draw_prediction_grid(model, val_dataset, class_names_of(out_dir / "model_final.pth", config.num_classes),
+    draw_prediction_grid(model, val_dataset, class_names_of(out_dir / "model_final.pth", model_config.num_classes),
                          out_dir / "predictions.png", device)
     if config.semantic_head:
         from minimrcnn.engine.panoptic_eval import default_panoptic_paths, panoptic_dataset

@@ -17,14 +17,55 @@ from minimrcnn.engine import distributed as distrib
 from minimrcnn.engine.device import resolve_device
 from minimrcnn.engine.inference import predict_dataset
 from minimrcnn.evaluation.coco import evaluate_coco, format_ap_table, predictions_to_coco_results
+from minimrcnn.evaluation.per_class import (CONFUSION_SCORE_THRESH, class_agnostic_ap, confusion_matrix,
+                                            format_per_class_table, per_category_ap)
+
+
+def per_class_report(annotation_file, results, metrics: dict, class_names: dict, out_dir=None,
+                     print_table: bool = True) -> dict:
+    """Per-class AP (bbox and segm), class-agnostic AP and the segm confusion matrix.
+
+    class_names: ``{category_id: name}``. Prints the table; with ``out_dir`` writes
+    ``per_class.json``, ``per_class.txt`` and ``confusion_matrix.png``. Returns the JSON's dict.
+    """
+    ground_truth = json.loads(Path(annotation_file).read_text())
+    per_class = {t: per_category_ap(ground_truth, results, t) for t in metrics}
+    agnostic = {t: class_agnostic_ap(ground_truth, results, t) for t in metrics}
+    matrix, category_ids = confusion_matrix(ground_truth, results, "segm" if "segm" in metrics else "bbox")
+    table = format_per_class_table(per_class, agnostic, metrics, class_names)
+    report = {"per_class": {t: {str(class_names.get(c, c)): v for c, v in values.items()}
+                            for t, values in per_class.items()},
+              "class_agnostic": agnostic,
+              "confusion_matrix": {"rows": [class_names.get(c, str(c)) for c in category_ids] + ["background"],
+                                   "columns": [class_names.get(c, str(c)) for c in category_ids] + ["missed"],
+                                   "counts": matrix.tolist(), "score_thresh": CONFUSION_SCORE_THRESH}}
+    if print_table:
+        print(table)
+    if out_dir is not None:
+        from matplotlib.figure import Figure
+
+        from minimrcnn.viz import draw_confusion_matrix
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "per_class.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out_dir / "per_class.txt").write_text(table + "\n")
+        size = 1.5 + 0.6 * (len(category_ids) + 1)
+        figure = Figure(figsize=(size + 1, size), dpi=100)
+        draw_confusion_matrix(figure.add_subplot(), matrix, [class_names.get(c, str(c)) for c in category_ids],
+                              title=f"IoU >= 0.5 regardless of class, score >= {CONFUSION_SCORE_THRESH}")
+        figure.tight_layout()
+        figure.savefig(out_dir / "confusion_matrix.png")
+    return report
 
 
 def evaluate_model(model, val_dataset, annotation_file, device, batch_size: int = 8,
-                   print_table: bool = True, panoptic_out=None) -> dict:
+                   print_table: bool = True, report_dir=None, panoptic_out=None) -> dict:
     """COCO bbox and segm AP of ``model`` on ``val_dataset``, each process predicting a shard.
 
     Returns ``{"bbox": {...}, "segm": {...}}`` (AP as fractions) on every process. With
-    ``panoptic_out`` (a folder; the model needs a semantic head and ``val_dataset`` must be a
+    ``report_dir`` the per-class report (``per_class_report``) is printed and written there.
+    With ``panoptic_out`` (a folder; the model needs a semantic head and ``val_dataset`` must be a
     ``CocoPanoptic``) the same predictions are also written as COCO panoptic files there and
     scored: ``"panoptic": {"All" | "Things" | "Stuff": {"pq", "sq", "rq", "n"}}`` is added.
     """
@@ -43,6 +84,9 @@ def evaluate_model(model, val_dataset, annotation_file, device, batch_size: int 
         metrics = evaluate_coco(str(annotation_file), all_results)
         if print_table:
             print(format_ap_table(metrics))
+        if report_dir is not None:
+            per_class_report(annotation_file, all_results, metrics, _names_of(val_dataset), report_dir,
+                             print_table)
     metrics = distrib.broadcast_object(metrics)
     if panoptic_out is not None:
         from minimrcnn.engine.panoptic_eval import evaluate_panoptic, panoptic_summary
@@ -50,6 +94,23 @@ def evaluate_model(model, val_dataset, annotation_file, device, batch_size: int 
         result = evaluate_panoptic(predictions, val_dataset, panoptic_out, model.config.num_classes, print_table)
         metrics = {**metrics, "panoptic": panoptic_summary(result)}
     return metrics
+
+
+def _names_of(dataset) -> dict:
+    from minimrcnn.engine.classes import categories_of
+
+    return categories_of(dataset) if hasattr(dataset, "category_ids") else {}
+
+
+def check_checkpoint_categories(checkpoint_path, dataset) -> None:
+    """The model's labels mean the categories it was trained on: the dataset must list the same."""
+    from minimrcnn.engine.classes import categories_of, check_same_categories
+
+    extra = ckpt.load_checkpoint(checkpoint_path).get("extra", {})
+    if extra.get("category_ids") and extra.get("class_names"):
+        trained = dict(zip(extra["category_ids"][1:], extra["class_names"][1:]))
+        check_same_categories(trained, categories_of(dataset), f"checkpoint {checkpoint_path}",
+                              f"annotations {dataset.annotation_file}")
 
 
 def evaluate_from_args(args) -> dict:
@@ -73,11 +134,14 @@ def evaluate_from_args(args) -> dict:
                                    getattr(args, "panoptic_images", None) or default_folder, config)
     else:
         dataset = CocoInstances(args.images, args.annotations)
+    dataset.check_image_files()
+    check_checkpoint_categories(args.checkpoint, dataset)
     predictions = predict_dataset(model, dataset, device, progress=True)
     results = predictions_to_coco_results([p for _, p in predictions], [i for i, _ in predictions],
                                           getattr(dataset, "category_ids", None))
     metrics = evaluate_coco(args.annotations, results)
     print(format_ap_table(metrics))
+    per_class_report(args.annotations, results, metrics, _names_of(dataset), args.out)
     if config.semantic_head:
         import tempfile
 
@@ -95,4 +159,4 @@ def evaluate_from_args(args) -> dict:
     return metrics
 
 
-__all__ = ["evaluate_from_args", "evaluate_model"]
+__all__ = ["check_checkpoint_categories", "evaluate_from_args", "evaluate_model", "per_class_report"]

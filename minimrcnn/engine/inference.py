@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from minimrcnn.engine.progress import Progress
+
 
 def _prediction_to_cpu(prediction: dict) -> dict:
     return {name: value.detach().cpu() if torch.is_tensor(value) else value
@@ -27,11 +29,7 @@ def predict_dataset(model, dataset, device="cpu", batch_size: int = 8, progress:
     indices = list(range(len(dataset))) if indices is None else list(indices)
     was_training = model.training
     model.eval()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(indices), desc="predict", unit="img")
+    bar = Progress(len(indices), desc="predict", unit="img", enabled=progress)
     outputs = []
     try:
         for start in range(0, len(indices), batch_size):
@@ -40,10 +38,8 @@ def predict_dataset(model, dataset, device="cpu", batch_size: int = 8, progress:
             predictions = model.predict(images)
             for (_, target), prediction in zip(samples, predictions):
                 outputs.append((int(target["image_id"]), _prediction_to_cpu(prediction)))
-            if bar is not None:
-                bar.update(len(samples))
+            bar.update(len(samples))
     finally:
         model.train(was_training)
-        if bar is not None:
-            bar.close()
+        bar.close()
     return outputs

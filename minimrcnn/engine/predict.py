@@ -1,6 +1,6 @@
 """Pictures of predictions: ``python -m minimrcnn predict --checkpoint C IMAGE... --out DIR``.
 
-Each image is read as RGB, given to ``model.predict`` at its own size, and drawn with
+Each image is read as float RGB whatever its mode (``minimrcnn.data.images``), given to ``model.predict`` at its own size, and drawn with
 ``minimrcnn.viz.draw_instances`` (masks, boxes, class names and scores) into
 ``DIR/<image name>.png``; a model with a semantic head gets its panoptic map drawn beside
 (``minimrcnn.viz.draw_panoptic``).
@@ -10,29 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
+from minimrcnn.data.images import read_rgb_image  # any mode: 16-bit, palette, CMYK, ...
 from minimrcnn.engine.checkpoint import load_checkpoint, load_model
 from minimrcnn.engine.device import resolve_device
 
 FIGURE_DPI = 100
 INCHES_PER_PIXEL = 1 / 50  # a 128-pixel image becomes a 2.6-inch picture: captions stay legible
 MIN_FIGURE_INCHES = 3.0
-
-
-def read_image(path) -> torch.Tensor:
-    """float32 [3, H, W] RGB in [0, 1] of an image file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as picture:
-            pixels = np.array(picture.convert("RGB"))  # [H, W, 3] uint8
-    except OSError as exc:
-        raise ValueError(f"{path}: not an image PIL can read ({exc})") from exc
-    return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
 
 
 def class_names_of(checkpoint_path, num_classes: int) -> list[str]:
@@ -95,7 +81,7 @@ def predict_images(checkpoint, image_paths, out_dir, device=None, score_thresh: 
     out_dir = Path(out_dir)
     written = []
     for image_path in image_paths:
-        image = read_image(image_path)
+        image = read_rgb_image(image_path)
         prediction = {k: v.cpu() if torch.is_tensor(v) else v
                       for k, v in model.predict([image.to(device)])[0].items()}
         kept = int((prediction["scores"] >= score_thresh).sum())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -30,7 +31,9 @@ from minimrcnn.engine import checkpoint as ckpt
 from minimrcnn.engine import distributed as distrib
 from minimrcnn.engine.device import resolve_device
 from minimrcnn.engine.evaluate import evaluate_model
+from minimrcnn.engine.interrupts import StopRequests, TrainingInterrupted
 from minimrcnn.engine.logging import LOSS_NAMES, MetricsWriter, plot_loss_curve, read_metrics
+from minimrcnn.engine.progress import Progress
 from minimrcnn.engine.schedule import (CALIBRATION_ITERS, CALIBRATION_SKIP, BudgetPlanner, lr_factor,
                                        stretch_warmup)
 
@@ -181,6 +184,30 @@ def _class_info(dataset) -> dict:
     return info
 
 
+def _classes_from_data(config: Config, train_dataset, val_dataset, paths: dict, fixed_by: str | None,
+                       announce: bool) -> Config:
+    """The config with the training set's ``num_classes``; val must list the same categories."""
+    from minimrcnn.engine.classes import categories_of, check_same_categories, config_for_dataset
+
+    if val_dataset is not None:
+        check_same_categories(categories_of(train_dataset), categories_of(val_dataset),
+                              f"train annotations {paths['train_annotations']}",
+                              f"val annotations {paths['val_annotations']}")
+    return config_for_dataset(config, train_dataset, fixed=fixed_by is not None, source=str(fixed_by),
+                              announce=print if announce else (lambda line: None))
+
+
+def _stop_requested(stops: StopRequests, info, iteration: int, log_period: int) -> bool:
+    """Whether to stop after ``iteration``. Alone: as soon as a signal came. Under DDP every
+    process must stop at the same iteration, so they agree every ``log_period`` iterations,
+    where the loop waits for the device anyway."""
+    if not info.is_distributed:
+        return stops.requested
+    if iteration % log_period:
+        return False
+    return distrib.all_reduce_max(float(stops.requested))[0] > 0
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -226,7 +253,8 @@ def train_step(model, batches, optimizer, scaler, autocast, trainable, config: C
 def train(config: Config | None, out_dir, train_images=None, train_annotations=None, val_images=None,
           val_annotations=None, data_root="data/shapes", time_budget_minutes: float | None = None,
           resume: bool = False, device=None, max_iter: int | None = None, evaluate: bool = True,
-          progress: bool = True, log_period: int = LOG_PERIOD) -> dict:
+          progress: bool = True, log_period: int = LOG_PERIOD,
+          num_classes_fixed_by: str | None = None) -> dict:
     """Train a Mask R-CNN; returns the run summary (also written to ``out_dir/metrics.json``).
 
     ``config`` may be None with ``resume``: the checkpoint's config is used. Under a
@@ -236,6 +264,10 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
     end), ``model_final.pth``, ``metrics.jsonl`` (a line every ``log_period`` iterations),
     ``loss_curve.png`` and ``metrics.json``; with ``config.semantic_head`` also the panoptic
     predictions of val (``panoptic_predictions.json`` and PNGs) and their PQ in the summary.
+
+    ``num_classes`` comes from the training set's categories: a config that differs adapts
+    (one printed line), unless ``num_classes_fixed_by`` names the user's config file that sets
+    the field, which makes a mismatch an error naming that file. Train and val must list the same categories.
     """
     call_start = time.perf_counter()
     device = resolve_device(device)
@@ -250,7 +282,6 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
         saved = ckpt.load_checkpoint(last_path)
         if config is None:
             config = ckpt.config_from_dict(saved["config"], source=str(last_path))
-        _check_resume_config(config, saved["config"], last_path)
         if "optimizer" not in saved:
             raise ValueError(f"{last_path}: holds no optimizer state, cannot resume from it")
     if not isinstance(config, Config):
@@ -277,6 +308,12 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
         if val_dataset is not None:
             val_dataset = panoptic_dataset(paths["val_images"], paths["val_annotations"],
                                            *default_panoptic_paths(paths["val_annotations"]), config)
+    for dataset in (train_dataset, val_dataset):  # a missing file fails now, not hours into the run
+        if dataset is not None:
+            dataset.check_image_files()
+    config = _classes_from_data(config, train_dataset, val_dataset, paths, num_classes_fixed_by, info.is_main)
+    if saved is not None:
+        _check_resume_config(config, saved["config"], last_path)
 
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matrix products, as is usual for training
@@ -330,10 +367,7 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
 
     writer = MetricsWriter(out_dir / "metrics.jsonl", resume_from_iteration=start_iter if saved else None) \
         if info.is_main else None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=max_iter, initial=start_iter, disable=not (progress and info.is_main),
-               desc="train", dynamic_ncols=True)
+    bar = Progress(max_iter, initial=start_iter, desc="train", enabled=progress and info.is_main)
     window: list[torch.Tensor] = []
     window_start = start_iter
     planner = BudgetPlanner(budget_seconds, call_start, device, model, val_dataset) \
@@ -344,6 +378,7 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
         return time.perf_counter() - loop_start
 
     iteration = start_iter
+    stops = StopRequests().__enter__()  # Ctrl-C / SIGTERM: checkpoint at the iteration, then stop
     try:
         while iteration < max_iter:
             lr = config.base_lr * lr_factor(iteration, max_iter, warmup_iters, config.warmup_factor,
@@ -363,8 +398,7 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
                 max_iter, is_first_plan = plan
                 if is_first_plan:  # the warm-up keeps its fraction; later plans leave it be
                     warmup_iters = stretch_warmup(config.warmup_iters, config.max_iter, max_iter)
-                bar.total = max_iter
-                bar.refresh()
+                bar.set_total(max_iter)
             at_end = iteration >= max_iter
             if iteration % log_period == 0 or at_end:
                 rows = torch.stack(window)
@@ -375,14 +409,21 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
                           "loss": sum(means), **dict(zip(loss_names, means))}
                 if writer is not None:
                     writer.write(record)
-                bar.set_postfix({n.removeprefix("loss_"): f"{v:.3f}" for n, v in zip(loss_names, means)},
-                                refresh=False)
+                bar.set_losses(dict(zip(loss_names, means)))
                 window, window_start = [], iteration
             if info.is_main and (iteration % config.checkpoint_period == 0 or at_end):
                 if window:  # never checkpoint weights that a NaN loss may already have touched
                     _raise_if_nonfinite(torch.stack(window), window_start, loss_names)
                 save(last_path, iteration)
+            if not at_end and _stop_requested(stops, info, iteration, log_period):
+                if info.is_main:
+                    if window:
+                        _raise_if_nonfinite(torch.stack(window), window_start, loss_names)
+                    save(last_path, iteration)
+                distrib.barrier()
+                raise TrainingInterrupted(iteration, stops.signal_number or signal.SIGTERM)
     finally:
+        stops.__exit__(None, None, None)
         bar.close()
         batches = None  # shuts down loader workers, which would otherwise prefetch forever
         if writer is not None:
@@ -398,6 +439,7 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
     if val_dataset is not None:
         summary.update(evaluate_model(model, val_dataset, paths["val_annotations"], device,
                                       batch_size=max(1, config.batch_size // info.world_size),
+                                      report_dir=out_dir,
                                       panoptic_out=out_dir if config.semantic_head else None))
     if info.is_main:
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -410,8 +452,10 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
 
 def train_from_args(args) -> dict:
     """``python -m minimrcnn train ...`` (see ``minimrcnn/cli.py``)."""
+    num_classes_fixed_by = None
     if args.config is not None:
         config = get_config(args.config)
+        num_classes_fixed_by = args.config if _json_sets_num_classes(args.config) else None
     else:  # a resumed run continues with its checkpoint's config
         config = None if args.resume else get_config("shapes-cpu")
     try:
@@ -419,6 +463,16 @@ def train_from_args(args) -> dict:
                      train_annotations=args.train_annotations, val_images=args.val_images,
                      val_annotations=args.val_annotations, data_root=args.data,
                      time_budget_minutes=args.time_budget, resume=args.resume, device=args.device,
-                     max_iter=args.max_iter, evaluate=not args.no_eval)
+                     max_iter=args.max_iter, evaluate=not args.no_eval,
+                     num_classes_fixed_by=num_classes_fixed_by)
     finally:
         distrib.cleanup_distributed()
+
+
+def _json_sets_num_classes(name_or_path: str) -> bool:
+    """Whether ``--config`` is a JSON file that sets ``num_classes`` itself (presets adapt)."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        return False
+    values = json.loads(path.read_text())
+    return isinstance(values, dict) and "num_classes" in values
