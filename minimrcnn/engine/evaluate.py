@@ -60,11 +60,14 @@ def per_class_report(annotation_file, results, metrics: dict, class_names: dict,
 
 
 def evaluate_model(model, val_dataset, annotation_file, device, batch_size: int = 8,
-                   print_table: bool = True, report_dir=None) -> dict:
+                   print_table: bool = True, report_dir=None, panoptic_out=None) -> dict:
     """COCO bbox and segm AP of ``model`` on ``val_dataset``, each process predicting a shard.
 
     Returns ``{"bbox": {...}, "segm": {...}}`` (AP as fractions) on every process. With
     ``report_dir`` the per-class report (``per_class_report``) is printed and written there.
+    With ``panoptic_out`` (a folder; the model needs a semantic head and ``val_dataset`` must be a
+    ``CocoPanoptic``) the same predictions are also written as COCO panoptic files there and
+    scored: ``"panoptic": {"All" | "Things" | "Stuff": {"pq", "sq", "rq", "n"}}`` is added.
     """
     info = distrib.get_info()
     model = ckpt.unwrap_model(model).eval()
@@ -84,7 +87,13 @@ def evaluate_model(model, val_dataset, annotation_file, device, batch_size: int 
         if report_dir is not None:
             per_class_report(annotation_file, all_results, metrics, _names_of(val_dataset), report_dir,
                              print_table)
-    return distrib.broadcast_object(metrics)
+    metrics = distrib.broadcast_object(metrics)
+    if panoptic_out is not None:
+        from minimrcnn.engine.panoptic_eval import evaluate_panoptic, panoptic_summary
+
+        result = evaluate_panoptic(predictions, val_dataset, panoptic_out, model.config.num_classes, print_table)
+        metrics = {**metrics, "panoptic": panoptic_summary(result)}
+    return metrics
 
 
 def _names_of(dataset) -> dict:
@@ -105,12 +114,26 @@ def check_checkpoint_categories(checkpoint_path, dataset) -> None:
 
 
 def evaluate_from_args(args) -> dict:
-    """``python -m minimrcnn evaluate --checkpoint C --images DIR --annotations FILE [--out DIR]``."""
+    """``python -m minimrcnn evaluate --checkpoint C --images DIR --annotations FILE [--out DIR]``.
+
+    A model with a semantic head is also scored on panoptic ground truth
+    (``--panoptic-annotations FILE --panoptic-images DIR``, by default the panoptic files
+    beside the instances JSON, see ``default_panoptic_paths``): its predictions are written
+    as COCO panoptic PNG + JSON (into ``--out``, else a temporary folder) and the PQ table printed.
+    """
     from minimrcnn.data import CocoInstances
 
     device = resolve_device(args.device)
-    model, _ = ckpt.load_model(args.checkpoint, device)
-    dataset = CocoInstances(args.images, args.annotations)
+    model, config = ckpt.load_model(args.checkpoint, device)
+    if config.semantic_head:
+        from minimrcnn.engine.panoptic_eval import default_panoptic_paths, panoptic_dataset
+
+        default_json, default_folder = default_panoptic_paths(args.annotations)
+        dataset = panoptic_dataset(args.images, args.annotations,
+                                   getattr(args, "panoptic_annotations", None) or default_json,
+                                   getattr(args, "panoptic_images", None) or default_folder, config)
+    else:
+        dataset = CocoInstances(args.images, args.annotations)
     dataset.check_image_files()
     check_checkpoint_categories(args.checkpoint, dataset)
     predictions = predict_dataset(model, dataset, device, progress=True)
@@ -119,6 +142,14 @@ def evaluate_from_args(args) -> dict:
     metrics = evaluate_coco(args.annotations, results)
     print(format_ap_table(metrics))
     per_class_report(args.annotations, results, metrics, _names_of(dataset), args.out)
+    if config.semantic_head:
+        import tempfile
+
+        from minimrcnn.engine.panoptic_eval import evaluate_panoptic, panoptic_summary
+
+        with tempfile.TemporaryDirectory() as scratch:
+            result = evaluate_panoptic(predictions, dataset, args.out or scratch, config.num_classes)
+        metrics["panoptic"] = panoptic_summary(result)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -179,8 +179,11 @@ def _check_resume_config(config: Config, saved: dict, path: Path) -> None:
 def _class_info(dataset) -> dict:
     names = getattr(dataset, "class_names", None)
     category_ids = getattr(dataset, "category_ids", None)
-    return {"class_names": list(names) if names is not None else None,
+    info = {"class_names": list(names) if names is not None else None,
             "category_ids": [int(c) for c in category_ids] if category_ids is not None else None}
+    if getattr(dataset, "stuff_names", None) is not None:  # CocoPanoptic: names of the semantic classes
+        info["stuff_names"] = list(dataset.stuff_names)
+    return info
 
 
 def _classes_from_data(config: Config, train_dataset, val_dataset, paths: dict, fixed_by: str | None,
@@ -261,7 +264,8 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
     budget: the speed of the first iterations sets ``max_iter`` and the schedule
     stretches to it. Writes ``last.pth`` (every ``checkpoint_period`` iterations and at the
     end), ``model_final.pth``, ``metrics.jsonl`` (a line every ``log_period`` iterations),
-    ``loss_curve.png`` and ``metrics.json``.
+    ``loss_curve.png`` and ``metrics.json``; with ``config.semantic_head`` also the panoptic
+    predictions of val (``panoptic_predictions.json`` and PNGs) and their PQ in the summary.
 
     ``num_classes`` comes from the training set's categories: a config that differs adapts
     (one printed line), unless ``num_classes_fixed_by`` names the user's config file that sets
@@ -298,6 +302,14 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
     train_dataset = CocoInstances(paths["train_images"], paths["train_annotations"])
     val_dataset = CocoInstances(paths["val_images"], paths["val_annotations"]) \
         if evaluate and paths["val_images"] is not None else None
+    if config.semantic_head:  # Panoptic FPN: semantic targets from the panoptic ground truth
+        from minimrcnn.engine.panoptic_eval import default_panoptic_paths, panoptic_dataset
+
+        train_dataset = panoptic_dataset(paths["train_images"], paths["train_annotations"],
+                                         *default_panoptic_paths(paths["train_annotations"]), config)
+        if val_dataset is not None:
+            val_dataset = panoptic_dataset(paths["val_images"], paths["val_annotations"],
+                                           *default_panoptic_paths(paths["val_annotations"]), config)
     for dataset in (train_dataset, val_dataset):  # a missing file fails now, not hours into the run
         if dataset is not None:
             dataset.check_image_files()
@@ -429,7 +441,8 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
     if val_dataset is not None:
         summary.update(evaluate_model(model, val_dataset, paths["val_annotations"], device,
                                       batch_size=max(1, config.batch_size // info.world_size),
-                                      report_dir=out_dir))
+                                      report_dir=out_dir,
+                                      panoptic_out=out_dir if config.semantic_head else None))
     if info.is_main:
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     distrib.barrier()
