@@ -157,7 +157,70 @@ def test_non_finite_loss_names_loss_and_iteration(tmp_path, tiny_shapes, monkeyp
     assert not (tmp_path / "model_final.pth").exists()
 
 
-def test_outputs_and_evaluation(tmp_path, tiny_shapes, stand_in, capsys):
+class OracleStandIn(StandInModel):
+    """The stand-in, predicting from a table keyed by the image's bytes (filled by the test)."""
+
+    answers: dict = {}
+
+    @torch.no_grad()
+    def predict(self, images):
+        return [self.answers[image.numpy().tobytes()] for image in images]
+
+
+def oracle_answers(shapes):
+    """Per val image: every second non-crowd ground-truth object (box, label, mask) with falling
+    scores, and one false detection in the corner that outscores them: AP strictly between 0 and 1."""
+    from minimrcnn.data import CocoInstances
+
+    dataset = CocoInstances(shapes / "images", shapes / "annotations/instances_val.json")
+    answers, image_ids = {}, {}
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        keep = [j for j in range(len(target["labels"])) if j % 2 == 0 and not target["iscrowd"][j]]
+        false_mask = torch.zeros((1,) + image.shape[-2:], dtype=torch.bool)
+        false_mask[:, :8, :8] = True
+        key = image.numpy().tobytes()
+        answers[key] = {
+            "boxes": torch.cat([target["boxes"][keep], torch.tensor([[0.0, 0.0, 8.0, 8.0]])]),
+            "labels": torch.cat([target["labels"][keep], torch.tensor([2])]),
+            "scores": torch.tensor([0.9 - 0.05 * j for j in keep] + [0.95]),
+            "masks": torch.cat([target["masks"][keep].bool(), false_mask]),
+        }
+        image_ids[key] = target["image_id"]
+    return answers, image_ids
+
+
+def oracle_coco_ap(shapes, answers, image_ids, iou_type):
+    """COCOeval's first six numbers for the oracle's detections, converted here without the package."""
+    import contextlib
+    import io
+
+    import numpy as np
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    results = []
+    for key, answer in answers.items():
+        for box, label, score, mask in zip(answer["boxes"].tolist(), answer["labels"].tolist(),
+                                           answer["scores"].tolist(), answer["masks"].numpy()):
+            x1, y1, x2, y2 = box
+            results.append({"image_id": image_ids[key], "category_id": label, "score": score,
+                            "bbox": [x1, y1, x2 - x1, y2 - y1],
+                            "segmentation": mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))})
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(shapes / "annotations/instances_val.json"))
+        evaluation = COCOeval(gt, gt.loadRes(results), iou_type)
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return dict(zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), evaluation.stats[:6].tolist()))
+
+
+def test_outputs_and_evaluation(tmp_path, tiny_shapes, monkeypatch, capsys):
+    answers, image_ids = oracle_answers(tiny_shapes)
+    monkeypatch.setattr(OracleStandIn, "answers", answers)
+    monkeypatch.setattr(ckpt, "build_model", OracleStandIn)
     summary = run(tiny_config(max_iter=3), tmp_path, tiny_shapes, evaluate=True)
     table = capsys.readouterr().out
     assert "segm" in table and "AP50" in table
@@ -166,7 +229,10 @@ def test_outputs_and_evaluation(tmp_path, tiny_shapes, stand_in, capsys):
     assert written["iterations"] == 3 and written["device"] == "cpu" and written["config"] == "shapes-cpu"
     for iou_type in ("bbox", "segm"):
         assert set(written[iou_type]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
-        assert all(-1 <= value <= 1 for value in written[iou_type].values())
+        # pycocotools' numbers for the model's detections, converted here without the package.
+        expected = oracle_coco_ap(tiny_shapes, answers, image_ids, iou_type)
+        assert 0 < expected["AP"] < 1
+        assert written[iou_type] == pytest.approx(expected, abs=1e-12)
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["iteration"] for r in records] == [3]
     assert set(LOSS_NAMES) | {"iteration", "lr", "time", "loss"} == set(records[0])
