@@ -82,6 +82,26 @@ def test_ground_truth_boxes_are_appended_to_the_proposals():
     torch.testing.assert_close(sampled[:2][classes[:2].argsort()], gt["boxes"])
 
 
+def test_sampling_picks_proposals_at_random():
+    """The RoI sampler draws its foreground and background at random (torch's seed decides):
+    different seeds, different picks; over many draws every eligible proposal is picked."""
+    heads = RoIHeads(tiny_config(roi_batch_size_per_image=8), CHANNELS)  # 2 foreground + 6 background
+    gt = target([[5, 5, 25, 25]], [1])
+    near = torch.tensor([[5.0, 5, 25, 25]]) + torch.linspace(-1, 1, 10)[:, None]  # 10 foreground
+    far = torch.tensor([[40.0, 40, 50, 50]]) + torch.arange(20.0)[:, None] * 0.5  # 20 background
+    proposals = torch.cat([near, far])
+    drawn, picks = {}, []
+    for seed in range(60):
+        torch.manual_seed(seed)
+        sampled, classes, _ = heads.sample_proposals_for_image(proposals, gt["boxes"], gt["labels"])
+        picks.append(sampled)
+        for box in sampled.tolist():
+            drawn[tuple(box)] = drawn.get(tuple(box), 0) + 1
+    assert not torch.equal(picks[0], picks[1])
+    eligible = {tuple(box) for box in torch.cat([proposals, gt["boxes"]]).tolist()}
+    assert set(drawn) == eligible  # all 31 (the ground truth box itself too), nothing else
+
+
 def test_sampling_without_ground_truth_is_all_background():
     heads = RoIHeads(tiny_config(), CHANNELS)
     empty = target([], [])
