@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from minimrcnn.ops import RoIAlign, roi_align
-from minimrcnn.ops.roi_align import check_cuda_simulator, random_rois, roi_align_reference
+from minimrcnn.ops.roi_align import random_rois, roi_align_reference
+
+from cuda_simulator_cases import run_under_simulator
 
 roi_align_module = importlib.import_module("minimrcnn.ops.roi_align")
 
@@ -25,10 +27,11 @@ def small_case(dtype, spatial_scale=1.0, seed=0, num_rois=12):
     return features, rois
 
 
-def forward_and_grad(features, rois, backend, *args):
+def forward_and_grad(features, rois, backend, *args, grad_output="ramp"):
     leaf = features.detach().clone().requires_grad_()
     output = roi_align(leaf, rois, *args, backend=backend)
-    grad_output = torch.linspace(-1, 1, output.numel(), dtype=output.dtype).reshape(output.shape)
+    grad_output = torch.ones_like(output) if grad_output == "ones" else \
+        torch.linspace(-1, 1, output.numel(), dtype=output.dtype).reshape(output.shape)
     output.backward(grad_output)
     return output.detach(), leaf.grad
 
@@ -145,14 +148,22 @@ def test_gradcheck(backend, aligned):
 
 
 def test_cuda_backend_under_simulator():
-    report = check_cuda_simulator()
-    for dtype in (torch.float32, torch.float64):
-        name = str(dtype).replace("torch.", "")
-        assert report[f"roi_align_{name}_forward"] <= TOLERANCE[dtype]
-        assert report[f"roi_align_{name}_backward"] <= TOLERANCE[dtype]
-    assert report["roi_align_gradcheck"] is True
-    assert report["roi_align_outside_on_inf_map"] == 0.0
-    assert report["empty_rois_ok"] is True
+    """The CUDA kernels' outputs and gradients (recorded under the simulator) against the
+    reference, forward and backward, computed here."""
+    recorded = run_under_simulator()
+    assert len(recorded["roi_align"]) == 24
+    for case in recorded["roi_align"]:
+        args = ((2, 3), case["spatial_scale"], case["sampling_ratio"], case["aligned"])
+        expected, expected_grad = forward_and_grad(case["features"], case["rois"], "reference", *args,
+                                                   grad_output="ones")
+        tolerance = TOLERANCE[case["features"].dtype]
+        torch.testing.assert_close(case["output"], expected, rtol=0, atol=tolerance)
+        torch.testing.assert_close(case["grad"], expected_grad, rtol=0, atol=tolerance)
+    assert recorded["gradcheck"]["roi_align"] is True
+    # samples outside the map are not read: an all-inf map gives 0 there, not NaN
+    assert torch.equal(recorded["outside_on_inf_map"], torch.zeros(2, 2, 2, 2, dtype=torch.float64))
+    empty = recorded["empty"]["roi_align"]
+    assert empty["output"].shape == (0, 2, 2, 3) and not empty["grad"].any()
 
 
 def test_cuda_backend_on_cpu_tensors_needs_the_simulator():
