@@ -233,7 +233,9 @@ def test_evaluate_command_end_to_end(tiny_shapes, tmp_path, capsys):
     results = json.loads((tmp_path / "eval" / "coco_results.json").read_text())
     assert set(metrics) == {"bbox", "segm"} and set(metrics["segm"]) == set(AP_NAMES)
     assert format_ap_table(metrics) in printed
-    assert {r["image_id"] for r in results} <= kept
+    # An untrained model scores every class about 1/5 > score_thresh 0.05: it detects something
+    # in both images, so the checks below are about real results (none would pass them trivially).
+    assert {r["image_id"] for r in results} == kept
     assert all({"bbox", "segmentation", "score", "category_id"} <= set(r) for r in results)
     valid_categories = {c["id"] for c in gt["categories"]}
     assert {r["category_id"] for r in results} <= valid_categories
