@@ -62,7 +62,15 @@ def test_bad_sizes_are_named():
 
 
 def test_mix_seed_is_deterministic_and_spreads():
-    assert mix_seed(0, 1, 2) == mix_seed(0, 1, 2)
+    # The same in every process (Python's str hash is salted per process: it must not be used).
+    code = "from minimrcnn.engine.distributed import mix_seed; print(mix_seed(0, 1, 2), mix_seed(7, 3))"
+    printed = set()
+    for hash_seed in ("1", "2"):
+        done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        printed.add(tuple(done.stdout.split()[-2:]))
+    assert printed == {(str(mix_seed(0, 1, 2)), str(mix_seed(7, 3)))}
+    assert mix_seed(0, 1, 2) != mix_seed(0, 2, 1)  # the order of the parts counts
     seeds = {mix_seed(0, iteration, micro) for iteration in range(100) for micro in range(4)}
     assert len(seeds) == 400
     assert all(0 <= seed < 2**63 for seed in seeds)

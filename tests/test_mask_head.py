@@ -53,6 +53,38 @@ def test_sigmoid_mask_loss_trains_only_the_ground_truth_channel():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def softmax_mask_reference(logits, gt_classes, targets):
+    """Float64, pixel by pixel: cross-entropy over the K + 1 logits [0, z_1 ... z_K] (the
+    background's fixed at 0) with target class c inside the mask and 0 outside, averaged over
+    every pixel of every RoI; and the probability of class c at each pixel."""
+    logits = logits.double().numpy()
+    targets = targets.numpy()
+    num_rois, _, height, width = logits.shape
+    total, probabilities = 0.0, np.zeros((num_rois, height, width))
+    for r in range(num_rois):
+        for y in range(height):
+            for x in range(width):
+                row = np.concatenate([[0.0], logits[r, :, y, x]])
+                log_normalizer = np.log(np.sum(np.exp(row)))
+                target = gt_classes[r] if targets[r, y, x] > 0.5 else 0
+                total += log_normalizer - row[target]
+                probabilities[r, y, x] = np.exp(row[gt_classes[r]] - log_normalizer)
+    return total / (num_rois * height * width), probabilities
+
+
+@pytest.mark.parametrize("num_classes", [2, 4])
+def test_softmax_mask_loss_value_matches_a_float64_reference(num_classes):
+    generator = torch.Generator().manual_seed(num_classes)
+    logits = 3 * torch.randn(3, num_classes, 6, 6, generator=generator)
+    gt_classes = torch.randint(1, num_classes + 1, (3,), generator=generator)
+    gt_classes[0] = num_classes  # the last channel is used too
+    targets = (torch.rand(3, 6, 6, generator=generator) > 0.5).float()
+    expected, _ = softmax_mask_reference(logits, gt_classes.tolist(), targets)
+    loss = mask_loss(logits, gt_classes, targets, "softmax")
+    assert loss.dtype == torch.float32
+    np.testing.assert_allclose(loss.item(), expected, rtol=1e-5)
+
+
 def test_softmax_mask_loss_couples_classes_and_equals_sigmoid_for_one_class():
     generator = torch.Generator().manual_seed(1)
     targets = (torch.rand(2, 5, 5, generator=generator) > 0.5).float()
@@ -64,7 +96,9 @@ def test_softmax_mask_loss_couples_classes_and_equals_sigmoid_for_one_class():
     mask_loss(logits, torch.tensor([1, 3]), targets, "softmax").backward()
     assert torch.count_nonzero(logits.grad[0, 1]) > 0  # other classes compete for the pixels
     probs = mask_probabilities(logits.detach(), torch.tensor([1, 3]), "softmax")
-    assert probs.shape == (2, 5, 5) and 0 <= probs.min() and probs.max() <= 1
+    assert probs.shape == (2, 5, 5)
+    _, expected_probs = softmax_mask_reference(logits.detach(), [1, 3], targets)
+    np.testing.assert_allclose(probs.numpy(), expected_probs, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="mask_loss"):
         mask_loss(logits, torch.tensor([1, 3]), targets, "hinge")
 

@@ -52,6 +52,24 @@ def test_subsample_respects_budget_and_fraction():
     assert len(set(positive.tolist()) | set(negative.tolist())) == 64
 
 
+def test_subsample_picks_at_random_among_the_eligible():
+    """Not the first k: different seeds pick differently, and over many draws every eligible
+    index is picked about as often as the others (ignored ones never)."""
+    labels = torch.tensor([-1] * 10 + [1] * 20 + [0] * 50)
+    picks = []
+    for seed in range(400):
+        positive, negative = subsample_labels(labels, 16, 0.25, bg_label=0,
+                                              generator=torch.Generator().manual_seed(seed))
+        picks.append((positive.tolist(), negative.tolist()))
+    assert picks[0] != picks[1]
+    positive_counts = torch.bincount(torch.tensor([i for p, _ in picks for i in p]), minlength=80)
+    negative_counts = torch.bincount(torch.tensor([i for _, n in picks for i in n]), minlength=80)
+    # 4 of 20 foreground and 12 of 50 background per draw: 80 and 96 picks each on average.
+    assert positive_counts[:10].sum() == negative_counts[:10].sum() == 0
+    assert positive_counts[10:30].min() > 40 and positive_counts[10:30].max() < 120
+    assert negative_counts[30:].min() > 48 and negative_counts[30:].max() < 144
+
+
 def test_subsample_fills_with_background_and_handles_empty():
     labels = torch.tensor([2, 3] + [0] * 10)  # foreground labels may be class ids
     positive, negative = subsample_labels(labels, 8, 0.5, bg_label=0)

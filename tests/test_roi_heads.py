@@ -82,6 +82,26 @@ def test_ground_truth_boxes_are_appended_to_the_proposals():
     torch.testing.assert_close(sampled[:2][classes[:2].argsort()], gt["boxes"])
 
 
+def test_sampling_picks_proposals_at_random():
+    """The RoI sampler draws its foreground and background at random (torch's seed decides):
+    different seeds, different picks; over many draws every eligible proposal is picked."""
+    heads = RoIHeads(tiny_config(roi_batch_size_per_image=8), CHANNELS)  # 2 foreground + 6 background
+    gt = target([[5, 5, 25, 25]], [1])
+    near = torch.tensor([[5.0, 5, 25, 25]]) + torch.linspace(-1, 1, 10)[:, None]  # 10 foreground
+    far = torch.tensor([[40.0, 40, 50, 50]]) + torch.arange(20.0)[:, None] * 0.5  # 20 background
+    proposals = torch.cat([near, far])
+    drawn, picks = {}, []
+    for seed in range(60):
+        torch.manual_seed(seed)
+        sampled, classes, _ = heads.sample_proposals_for_image(proposals, gt["boxes"], gt["labels"])
+        picks.append(sampled)
+        for box in sampled.tolist():
+            drawn[tuple(box)] = drawn.get(tuple(box), 0) + 1
+    assert not torch.equal(picks[0], picks[1])
+    eligible = {tuple(box) for box in torch.cat([proposals, gt["boxes"]]).tolist()}
+    assert set(drawn) == eligible  # all 31 (the ground truth box itself too), nothing else
+
+
 def test_sampling_without_ground_truth_is_all_background():
     heads = RoIHeads(tiny_config(), CHANNELS)
     empty = target([], [])
@@ -123,6 +143,27 @@ def test_detection_thresholds_nms_and_limits():
     torch.testing.assert_close(first["boxes"], torch.tensor([[10.0, 10, 30, 30], [40, 40, 60, 60]]))
     assert bool((first["scores"] > 0.99).all())
     assert len(second["boxes"]) == 0 and second["boxes"].shape == (0, 4)
+
+
+def test_detections_per_image_cuts_and_the_score_threshold_is_strict_at_its_edge():
+    """The cap binds (5 detections survive NMS, 3 are kept: the 3 best, best first), and scores
+    just above and just below the threshold are kept and dropped."""
+    heads = RoIHeads(tiny_config(score_thresh=0.3, nms_thresh=0.5, detections_per_image=3), CHANNELS)
+    disjoint = torch.tensor([[0.0, 0, 8, 8], [10, 0, 18, 8], [20, 0, 28, 8], [30, 0, 38, 8], [40, 0, 48, 8]])
+    proposals = [disjoint, disjoint[:2]]
+    image0_scores = torch.tensor([0.9, 0.6, 0.8, 0.7, 0.95])
+    image1_scores = torch.tensor([0.3 + 4e-4, 0.3 - 4e-4])  # either side of score_thresh
+    # Logits [0, a, -1e4, ...]: the class-1 score is exactly sigmoid(a); the other classes score 0.
+    class_logits = torch.full((7, heads.num_classes), -1e4)
+    class_logits[:, 0] = 0.0
+    class_logits[:, 1] = torch.logit(torch.cat([image0_scores, image1_scores]).double()).float()
+    box_deltas = torch.zeros(7, 4 * (heads.num_classes - 1))
+    first, second = heads.detect_boxes(class_logits, box_deltas, proposals, [(64, 64), (64, 64)])
+    torch.testing.assert_close(first["scores"], torch.tensor([0.95, 0.9, 0.8]))
+    torch.testing.assert_close(first["boxes"], disjoint[[4, 0, 2]])
+    assert second["labels"].tolist() == [1]
+    torch.testing.assert_close(second["boxes"], disjoint[:1])
+    torch.testing.assert_close(second["scores"], image1_scores[:1])
 
 
 def test_inference_output_shapes_and_types():

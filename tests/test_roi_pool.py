@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from minimrcnn.ops import RoIPool, roi_pool
-from minimrcnn.ops.roi_align import check_cuda_simulator, random_rois
+from minimrcnn.ops.roi_align import random_rois
 from minimrcnn.ops.roi_pool import round_half_away, roi_pool_reference
+
+from cuda_simulator_cases import run_under_simulator
 
 CPU_BACKENDS = ("reference", "numba")
 
@@ -113,11 +115,17 @@ def test_gradcheck(backend):
 
 
 def test_cuda_backend_under_simulator():
-    report = check_cuda_simulator()
-    for name in ("float32", "float64"):
-        assert report[f"roi_pool_{name}_forward"] == 0.0
-        assert report[f"roi_pool_argmax_{name}_mismatches"] == 0
-    assert report["roi_pool_gradcheck"] is True
+    """The CUDA kernel's maxima and argmax (recorded under the simulator) against the reference."""
+    recorded = run_under_simulator()
+    assert len(recorded["roi_pool"]) == 4
+    for case in recorded["roi_pool"]:
+        expected, expected_argmax = roi_pool(case["features"], case["rois"], (2, 3), case["spatial_scale"],
+                                             "reference", True)
+        assert torch.equal(case["output"], expected)
+        assert torch.equal(case["argmax"], expected_argmax)
+    assert recorded["gradcheck"]["roi_pool"] is True
+    empty = recorded["empty"]["roi_pool"]
+    assert empty["output"].shape == (0, 2, 2, 3) and not empty["grad"].any()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -95,6 +95,21 @@ def test_assign_targets_by_hand():
     assert float(matched[1].abs().sum()) == 0
 
 
+def test_sample_anchors_picks_at_random():
+    """Different seeds sample different anchors; over many draws every labelled anchor is drawn."""
+    labels = torch.zeros(1, 60, dtype=torch.int64)
+    labels[0, :10] = 1
+    labels[0, 50:] = -1
+    drawn = torch.zeros(60)
+    first = None
+    for seed in range(100):
+        sampled = sample_anchors(labels, 16, 0.25, generator=torch.Generator().manual_seed(seed))[0]
+        first = sampled if first is None else first
+        drawn += (sampled >= 0).float()
+    assert not torch.equal(first, sampled)
+    assert bool((drawn[:50] > 0).all()) and bool((drawn[50:] == 0).all())
+
+
 def test_sample_anchors_balance():
     torch.manual_seed(0)
     labels = torch.zeros(2, 1000, dtype=torch.int64)

@@ -157,7 +157,70 @@ def test_non_finite_loss_names_loss_and_iteration(tmp_path, tiny_shapes, monkeyp
     assert not (tmp_path / "model_final.pth").exists()
 
 
-def test_outputs_and_evaluation(tmp_path, tiny_shapes, stand_in, capsys):
+class OracleStandIn(StandInModel):
+    """The stand-in, predicting from a table keyed by the image's bytes (filled by the test)."""
+
+    answers: dict = {}
+
+    @torch.no_grad()
+    def predict(self, images):
+        return [self.answers[image.numpy().tobytes()] for image in images]
+
+
+def oracle_answers(shapes):
+    """Per val image: every second non-crowd ground-truth object (box, label, mask) with falling
+    scores, and one false detection in the corner that outscores them: AP strictly between 0 and 1."""
+    from minimrcnn.data import CocoInstances
+
+    dataset = CocoInstances(shapes / "images", shapes / "annotations/instances_val.json")
+    answers, image_ids = {}, {}
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        keep = [j for j in range(len(target["labels"])) if j % 2 == 0 and not target["iscrowd"][j]]
+        false_mask = torch.zeros((1,) + image.shape[-2:], dtype=torch.bool)
+        false_mask[:, :8, :8] = True
+        key = image.numpy().tobytes()
+        answers[key] = {
+            "boxes": torch.cat([target["boxes"][keep], torch.tensor([[0.0, 0.0, 8.0, 8.0]])]),
+            "labels": torch.cat([target["labels"][keep], torch.tensor([2])]),
+            "scores": torch.tensor([0.9 - 0.05 * j for j in keep] + [0.95]),
+            "masks": torch.cat([target["masks"][keep].bool(), false_mask]),
+        }
+        image_ids[key] = target["image_id"]
+    return answers, image_ids
+
+
+def oracle_coco_ap(shapes, answers, image_ids, iou_type):
+    """COCOeval's first six numbers for the oracle's detections, converted here without the package."""
+    import contextlib
+    import io
+
+    import numpy as np
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    results = []
+    for key, answer in answers.items():
+        for box, label, score, mask in zip(answer["boxes"].tolist(), answer["labels"].tolist(),
+                                           answer["scores"].tolist(), answer["masks"].numpy()):
+            x1, y1, x2, y2 = box
+            results.append({"image_id": image_ids[key], "category_id": label, "score": score,
+                            "bbox": [x1, y1, x2 - x1, y2 - y1],
+                            "segmentation": mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))})
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(shapes / "annotations/instances_val.json"))
+        evaluation = COCOeval(gt, gt.loadRes(results), iou_type)
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return dict(zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), evaluation.stats[:6].tolist()))
+
+
+def test_outputs_and_evaluation(tmp_path, tiny_shapes, monkeypatch, capsys):
+    answers, image_ids = oracle_answers(tiny_shapes)
+    monkeypatch.setattr(OracleStandIn, "answers", answers)
+    monkeypatch.setattr(ckpt, "build_model", OracleStandIn)
     summary = run(tiny_config(max_iter=3), tmp_path, tiny_shapes, evaluate=True)
     table = capsys.readouterr().out
     assert "segm" in table and "AP50" in table
@@ -166,7 +229,10 @@ def test_outputs_and_evaluation(tmp_path, tiny_shapes, stand_in, capsys):
     assert written["iterations"] == 3 and written["device"] == "cpu" and written["config"] == "shapes-cpu"
     for iou_type in ("bbox", "segm"):
         assert set(written[iou_type]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
-        assert all(-1 <= value <= 1 for value in written[iou_type].values())
+        # pycocotools' numbers for the model's detections, converted here without the package.
+        expected = oracle_coco_ap(tiny_shapes, answers, image_ids, iou_type)
+        assert 0 < expected["AP"] < 1
+        assert written[iou_type] == pytest.approx(expected, abs=1e-12)
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["iteration"] for r in records] == [3]
     assert set(LOSS_NAMES) | {"iteration", "lr", "time", "loss"} == set(records[0])
@@ -177,24 +243,29 @@ def test_outputs_and_evaluation(tmp_path, tiny_shapes, stand_in, capsys):
 
 
 def test_time_budget_sets_and_stores_max_iter(tmp_path, tiny_shapes, monkeypatch):
+    """A fake clock: each iteration (one forward) takes 1/32 s, nothing else takes any time, so
+    the plan is exact and the same on any machine, however slow or loaded."""
+    clock = {"now": 0.0}
+    seconds_per_iter = 1 / 32  # a power of two: the plan's arithmetic is exact
+
     class SlowModel(StandInModel):
         def forward(self, images, targets):
-            torch.ones(1).add_(1)  # stand-in for work
-            import time
-
-            time.sleep(0.02)
+            clock["now"] += seconds_per_iter
             return super().forward(images, targets)
 
+    # train.py and schedule.py read the same time module; both see the fake clock.
+    monkeypatch.setattr(schedule.time, "perf_counter", lambda: clock["now"])
     monkeypatch.setattr(ckpt, "build_model", SlowModel)
     monkeypatch.setattr(schedule, "FINAL_RESERVE_SECONDS", 0.0)
     config = tiny_config(max_iter=1000, warmup_iters=100)
-    summary = run(config, tmp_path, tiny_shapes, time_budget_minutes=0.04)  # 2.4 s
+    summary = run(config, tmp_path, tiny_shapes, time_budget_minutes=0.0625)  # 3.75 s
     saved = ckpt.load_checkpoint(tmp_path / "last.pth")
-    # The speed (about 0.02 s per iteration) allows far fewer than the config's 1000 iterations.
-    assert schedule.CALIBRATION_SKIP + schedule.CALIBRATION_ITERS <= summary["iterations"] < 1000
-    assert saved["max_iter"] == saved["iteration"] == summary["iterations"]
-    # The warm-up shrank with the run: 100 of 1000 iterations became about a tenth of the run.
-    assert 1 <= saved["scheduler"]["warmup_iters"] < 100
+    # 3.75 s at 1/32 s per iteration (the stand-in predicts in no time: no evaluation reserve)
+    # is 120 iterations, far fewer than the config's 1000; the re-plan measures the same speed.
+    assert summary["iterations"] == 120
+    assert saved["max_iter"] == saved["iteration"] == 120
+    # The warm-up shrank with the run: 100 of 1000 iterations became 12 of 120.
+    assert saved["scheduler"]["warmup_iters"] == 12
 
 
 def test_bad_arguments_are_named(tmp_path, tiny_shapes):

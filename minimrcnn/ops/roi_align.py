@@ -19,7 +19,6 @@ shared by CPU and CUDA -> 3. Numba CPU kernels -> 4. numba.cuda kernels -> 5. di
 against the reference (also of the CUDA kernels under the simulator).
 """
 
-import functools
 import math
 
 import numba
@@ -567,9 +566,8 @@ class RoIAlign(nn.Module):
 
 
 # ---------------------------------------------------------------------------
-# 7. Checking a backend against the reference on small cases, and the CUDA
-#    kernels without a GPU (the simulator is chosen when numba is imported,
-#    hence the subprocess).
+# 7. Random RoIs with the edge cases, for the tests and benchmarks that check
+#    every backend against the reference (tests/, bench/).
 # ---------------------------------------------------------------------------
 
 
@@ -591,85 +589,3 @@ def random_rois(generator, num_rois, num_images, height, width, spatial_scale=1.
     boxes = torch.cat([corner, corner + size], dim=1) * torch.tensor([image_w, image_h, image_w, image_h])
     batch_index = torch.randint(num_images, (num_rois, 1), generator=generator).double()
     return torch.cat([batch_index, boxes], dim=1).to(dtype)
-
-
-def compare_with_reference(backend, seed=0):
-    """Max |backend - reference| of both ops' forward and backward over small random cases
-    (random_rois' edge cases, sampling_ratio -1/0/2, aligned or not, spatial_scale 1 and
-    0.25, float32 and float64, contiguous and channels_last maps), whether no RoIs and
-    outside samples behave, and whether gradcheck passes in float64.
-    Returns a dict of plain numbers, bools and the device."""
-    from minimrcnn.ops.roi_pool import roi_pool
-
-    generator = torch.Generator().manual_seed(seed)
-    # the CUDA backend runs on the GPU when there is one, else on CPU tensors (simulator)
-    device = "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
-    report = {"device": device}
-
-    def record(key, error):
-        report[key] = max(report.get(key, 0.0), float(error))
-
-    for dtype in (torch.float32, torch.float64):
-        name = str(dtype).replace("torch.", "")
-        features = torch.randn(2, 2, 5, 6, generator=generator, dtype=dtype)
-        for spatial_scale in (1.0, 0.25):
-            rois = random_rois(generator, 6, 2, 5, 6, spatial_scale, dtype)
-            for sampling_ratio in (-1, 0, 2):
-                for aligned in (True, False):
-                    args = ((2, 3), spatial_scale, sampling_ratio, aligned)
-                    outputs, grads = [], []
-                    for which, where in ((backend, device), ("reference", "cpu")):
-                        leaf = features.to(where, copy=True).requires_grad_()
-                        # half the cases read a non-contiguous (channels_last) map
-                        source = leaf if aligned else leaf.contiguous(memory_format=torch.channels_last)
-                        output = roi_align(source, rois.to(where), *args, backend=which)
-                        output.backward(torch.ones_like(output))
-                        outputs.append(output.detach().cpu())
-                        grads.append(leaf.grad.cpu())
-                    record(f"roi_align_{name}_forward", (outputs[0] - outputs[1]).abs().max())
-                    record(f"roi_align_{name}_backward", (grads[0] - grads[1]).abs().max())
-            pooled = [
-                [t.cpu() for t in roi_pool(features.to(where), rois.to(where), (2, 3), spatial_scale, which, True)]
-                for which, where in ((backend, device), ("reference", "cpu"))
-            ]
-            record(f"roi_pool_{name}_forward", (pooled[0][0] - pooled[1][0]).abs().max())
-            record(f"roi_pool_argmax_{name}_mismatches", (pooled[0][1] != pooled[1][1]).sum())
-    # samples outside the map must not even read it: an all-inf map gives 0 there, not NaN
-    infinite = torch.full((2, 2, 5, 6), float("inf"), dtype=torch.float64, device=device)
-    outside = torch.tensor([[0, -30, -30, -10, -10], [1, 40, 2, 60, 4]], dtype=torch.float64, device=device)
-    report["roi_align_outside_on_inf_map"] = float(roi_align(infinite, outside, 2, 1.0, 2, backend=backend).abs().max())
-    # no RoIs: an empty [0, C, ph, pw] output, and a zero gradient
-    empty_ok = True
-    for op in (roi_align, roi_pool):
-        leaf = torch.ones(1, 2, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
-        output = op(leaf, torch.zeros(0, 5, dtype=torch.float64, device=device), (2, 3), backend=backend)
-        output.sum().backward()
-        empty_ok = empty_ok and output.shape == (0, 2, 2, 3) and not leaf.grad.any()
-    report["empty_rois_ok"] = bool(empty_ok)
-    features = torch.randn(1, 2, 4, 5, generator=generator, dtype=torch.float64).to(device).requires_grad_()
-    rois = random_rois(generator, 3, 1, 4, 5, 0.5).to(device)
-    report["roi_align_gradcheck"] = torch.autograd.gradcheck(
-        lambda f: roi_align(f, rois, 2, 0.5, 2, backend=backend), (features,), fast_mode=True
-    )
-    report["roi_pool_gradcheck"] = torch.autograd.gradcheck(
-        lambda f: roi_pool(f, rois, 2, 0.5, backend=backend), (features,), fast_mode=True
-    )
-    return report
-
-
-@functools.lru_cache(maxsize=None)  # deterministic, and a few seconds per run
-def check_cuda_simulator(timeout=300):
-    """compare_with_reference("cuda") run in a subprocess under NUMBA_ENABLE_CUDASIM=1."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    code = "import json; from minimrcnn.ops.roi_align import compare_with_reference as c; print(json.dumps(c('cuda')))"
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"the CUDA simulator check failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
