@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--device", default=None)
     ablate.add_argument("--threads", type=int, default=None, help="torch threads per run")
     ablate.add_argument("--nice", type=int, default=0, help="niceness of each run's process")
+    ablate.add_argument("--val-limit", type=int, default=None, help="evaluate on the first N val images only")
     return parser
 
 

@@ -26,7 +26,7 @@ def tiny_base(tmp_path):
 def test_runner_writes_a_complete_table_and_resumes_without_redoing_runs(tmp_path, tiny_shapes, monkeypatch):
     out = tmp_path / "table"
     settings = dict(seeds=2, only=["baseline", "roiwarp_max"], iterations=3, base_config=tiny_base(tmp_path),
-                    data_root=str(tiny_shapes), threads=1, progress=lambda message: None)
+                    data_root=str(tiny_shapes), threads=1, val_limit=4, progress=lambda message: None)
     started = []
     real_run = ablate_module._run_in_child
 
@@ -56,7 +56,9 @@ def test_runner_writes_a_complete_table_and_resumes_without_redoing_runs(tmp_pat
         spec = json.loads((out / "runs" / key / "spec.json").read_text())
         assert spec["args"]["config_dict"]["roi_op"] == ("warp_max" if key.startswith("roiwarp_max") else "align")
         assert spec["args"]["config_dict"]["seed"] == run["seed"]
+    assert len(json.loads((out / "instances_val_first4.json").read_text())["images"]) == 4
     table = (out / "table.md").read_text()
+    assert "first 4 val images" in table
     lines = [line for line in table.splitlines() if line.startswith("| baseline") or line.startswith("| roiwarp_max")]
     assert len(lines) == 2 and all(line.count("|") == 15 for line in lines)
     assert "| 2 |" in lines[0] and "27.2/49.2/27.1 (-3.1)" in lines[1]  # two seeds; the paper's Table 2c row
@@ -92,6 +94,7 @@ def test_direction_rule():
     assert direction_verdict([0.40], base, -3.4)[0].startswith("n/a")
     verdict, t = direction_verdict([0.40, 0.41, 0.39], base, -3.4)
     assert t == pytest.approx(-0.10 / math.sqrt(0.01**2 / 3 + 0.01**2 / 3))
-    empty = format_table({"settings": {"base_config": "x", "data_root": "d", "iterations": 1, "time_budget": None},
+    empty = format_table({"settings": {"base_config": "x", "data_root": "d", "iterations": 1, "time_budget": None,
+                                       "val_limit": None},
                           "runs": {}})
     assert empty.count("not run") == len(ROWS)

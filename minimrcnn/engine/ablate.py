@@ -65,7 +65,8 @@ def row_changes(name: str, base: Config) -> dict:
 
 
 def run_one(config_dict: dict, out_dir: str, data_root: str, iterations: int | None,
-            time_budget: float | None, device: str | None, threads: int | None) -> dict:
+            time_budget: float | None, device: str | None, threads: int | None,
+            val_images: str | None = None, val_annotations: str | None = None) -> dict:
     """One training run (in the child process): train + evaluate; returns the run's record."""
     import resource
 
@@ -77,8 +78,8 @@ def run_one(config_dict: dict, out_dir: str, data_root: str, iterations: int | N
     if threads:
         torch.set_num_threads(threads)
     config = config_from_dict(config_dict, source=f"{out_dir}/spec.json")
-    summary = train(config, out_dir, data_root=data_root, time_budget_minutes=time_budget, device=device,
-                    max_iter=iterations, progress=False)
+    summary = train(config, out_dir, data_root=data_root, val_images=val_images, val_annotations=val_annotations,
+                    time_budget_minutes=time_budget, device=device, max_iter=iterations, progress=False)
     if summary["device"].startswith("cuda"):
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:  # ru_maxrss is in KiB on Linux: this process's resident peak
@@ -123,10 +124,30 @@ def _write_json(path: Path, value) -> None:
     temporary.replace(path)  # atomic: an interrupt never leaves half a file
 
 
+def first_val_images(data_root, limit: int, out_dir: Path) -> tuple[str, str]:
+    """(image folder, annotation file) of the first ``limit`` val images (by id) of a shapes set:
+    a cheaper evaluation for short proxy runs (an untrained model sends 100 detections per image
+    through the mask head). Written once to OUT/instances_val_first<limit>.json."""
+    from minimrcnn.engine.train import shapes_root
+
+    root = shapes_root(data_root)
+    path = out_dir / f"instances_val_first{limit}.json"
+    if not path.is_file():
+        full = json.loads((root / "annotations" / "instances_val.json").read_text())
+        images = sorted(full["images"], key=lambda image: image["id"])[:limit]
+        kept = {image["id"] for image in images}
+        subset = {**full, "images": images, "annotations": [a for a in full["annotations"] if a["image_id"] in kept]}
+        _write_json(path, subset)
+    return str(root / "images"), str(path)
+
+
 def ablate(out_dir, seeds: int = 3, only=None, iterations: int | None = None, time_budget: float | None = None,
            base_config: str = "shapes-cpu", data_root: str = "data/shapes", device: str | None = None,
-           threads: int | None = None, nice: int = 0, progress=print) -> dict:
-    """Run (or continue) the table; returns the state ({"settings", "runs"}) also kept in OUT/runs.json."""
+           threads: int | None = None, nice: int = 0, val_limit: int | None = None, progress=print) -> dict:
+    """Run (or continue) the table; returns the state ({"settings", "runs"}) also kept in OUT/runs.json.
+
+    ``val_limit``: evaluate every run on the first that many val images only (None: all).
+    """
     if (iterations is None) == (time_budget is None):
         raise ValueError("give exactly one of iterations (fixed count) and time_budget (minutes per run)")
     if iterations is not None and iterations < 1:
@@ -140,9 +161,10 @@ def ablate(out_dir, seeds: int = 3, only=None, iterations: int | None = None, ti
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {"base_config": base_config, "data_root": str(data_root), "iterations": iterations,
-                "time_budget": time_budget}
+                "time_budget": time_budget, "val_limit": val_limit}
     state_path = out_dir / "runs.json"
     state = _load_state(state_path, settings)
+    val_images, val_annotations = first_val_images(data_root, val_limit, out_dir) if val_limit else (None, None)
     for seed in range(seeds):  # seed-major: a short interruption leaves every row with some seeds
         for name in names:
             key = f"{name}-s{seed}"
@@ -156,7 +178,7 @@ def ablate(out_dir, seeds: int = 3, only=None, iterations: int | None = None, ti
             config = dataclasses.replace(base, seed=seed, **row_changes(name, base))
             spec = {"args": {"config_dict": config.to_dict(), "out_dir": str(run_dir), "data_root": str(data_root),
                              "iterations": iterations, "time_budget": time_budget, "device": device,
-                             "threads": threads},
+                             "threads": threads, "val_images": val_images, "val_annotations": val_annotations},
                     "result": str(run_dir / "result.json")}
             spec_path = run_dir / "spec.json"
             spec_path.write_text(json.dumps(spec))
@@ -223,6 +245,8 @@ def format_table(state: dict, names=None) -> str:
     settings = state["settings"]
     budget = (f"{settings['iterations']} iterations per run" if settings["iterations"] is not None
               else f"{settings['time_budget']} minutes per run")
+    if settings.get("val_limit"):
+        budget += f", evaluated on the first {settings['val_limit']} val images"
     rows = table_rows(state, names)
     baseline = next((r for r in rows if r["name"] == "baseline"), None)
     base_ap = [run["segm_AP"] for run in baseline["runs"]] if baseline else []
@@ -270,7 +294,7 @@ def ablate_from_args(args) -> dict:
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
     state = ablate(args.out, seeds=args.seeds, only=only, iterations=args.iterations, time_budget=args.time_budget,
                    base_config=args.config, data_root=args.data, device=args.device, threads=args.threads,
-                   nice=args.nice)
+                   nice=args.nice, val_limit=args.val_limit)
     print((Path(args.out) / "table.md").read_text())
     return state
 
