@@ -278,7 +278,7 @@ def _exercises(path):
     found = []
     for index, cell in enumerate(cells):
         if "exercise" in cell.get("metadata", {}).get("tags", []):
-            call = re.search(r"^(check_\w+)\((my_\w+)\)", _source(cells[index + 1]), re.M)
+            call = re.search(r"\b(check_\w+)\((my_\w+)\)", _source(cells[index + 1]))
             assert call, f"{path.name}, cell {index}: the next cell must call a checker"
             found.append((cell, call.group(1), call.group(2)))
     return found
