@@ -155,7 +155,7 @@ def draw_boxes(ax, boxes, colours=None, linewidth: float = 1.0, linestyle: str =
     """
     from matplotlib.patches import Rectangle
 
-    boxes_np = _to_numpy(boxes).reshape(-1, 4)
+    boxes_np = np.asarray(boxes.detach().cpu() if hasattr(boxes, "detach") else boxes).reshape(-1, 4)
     if colours is None:
         colours = [colour_for(i) for i in range(len(boxes_np))]
     elif isinstance(colours, str) or (len(colours) in (3, 4) and all(isinstance(c, (int, float)) for c in colours)):
@@ -182,9 +182,9 @@ def draw_roi_pool_vs_align(ax_pool, ax_align, feature_map, roi, output_size, sam
     from minimrcnn.ops.roi_align import roi_align_sample_points
     from minimrcnn.ops.roi_pool import roi_pool_bins
 
-    feature_map = _to_numpy(feature_map)
+    feature_map = np.asarray(feature_map.detach().cpu() if hasattr(feature_map, "detach") else feature_map)
     height, width = feature_map.shape
-    roi = [float(v) for v in _to_numpy(roi).reshape(-1)[:5]]
+    roi = [float(v) for v in roi][:5]
     _, x1, y1, x2, y2 = roi
     s = spatial_scale
     artists = []
