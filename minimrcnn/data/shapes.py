@@ -35,6 +35,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from minimrcnn.evaluation.panoptic_io import id_to_rgb, rgb_to_id
+
 THING_NAMES = ("square", "circle", "triangle", "star")
 STUFF_NAMES = ("sky", "ground")
 SKY_ID, GROUND_ID = 5, 6
@@ -248,15 +250,10 @@ def segment_id(index: int) -> int:
     return (index * SEGMENT_ID_MULTIPLIER) % (1 << 24)
 
 
-def ids_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """Segment ids [H, W] -> RGB uint8 [H, W, 3] with id = R + 256 G + 256^2 B."""
-    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
-
-
-def rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
-    """RGB [H, W, 3] -> segment ids [H, W] int64 (COCO panoptic encoding)."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+# The COCO panoptic codec (id = R + 256 G + 256^2 B) lives with the panoptic evaluation;
+# these names stay for the notebooks and tests that use them.
+ids_to_rgb = id_to_rgb
+rgb_to_ids = rgb_to_id
 
 
 def render_image(seed: int, split: str, index: int, size: int) -> dict:
