@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--images", required=True)
     evaluate.add_argument("--annotations", required=True)
     evaluate.add_argument("--out", default=None, help="folder for results JSON and metrics")
+    evaluate.add_argument("--panoptic-annotations", default=None, metavar="FILE",
+                          help="COCO panoptic JSON, for a model with a semantic head "
+                               "(default: panoptic_X.json beside instances_X.json)")
+    evaluate.add_argument("--panoptic-images", default=None, metavar="DIR",
+                          help="its PNG folder (default: ROOT/panoptic/X for shapes, else panoptic_X/)")
     evaluate.add_argument("--device", default=None)
 
     predict = commands.add_parser("predict", help="draw predictions on images")
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         train_from_args(args)
         return 0
     if args.command == "evaluate":
-        from minimrcnn.evaluation.coco import evaluate_from_args
+        from minimrcnn.engine.evaluate import evaluate_from_args
 
         evaluate_from_args(args)
         return 0

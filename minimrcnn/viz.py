@@ -11,6 +11,8 @@ import colorsys
 
 import numpy as np
 
+from minimrcnn.evaluation.coco import to_numpy
+
 GOLDEN_RATIO_CONJUGATE = 0.618033988749895  # hue step that keeps successive colours far apart
 MASK_ALPHA = 0.45
 
@@ -22,15 +24,9 @@ def colour_for(index: int) -> tuple[float, float, float]:
     return colorsys.hls_to_rgb(hue, lightness, 0.85)
 
 
-def _to_numpy(array) -> np.ndarray:
-    if hasattr(array, "detach"):
-        array = array.detach().cpu().numpy()
-    return np.asarray(array)
-
-
 def _image_hwc(image) -> np.ndarray:
     """[3, H, W] or [H, W, 3] (float in [0, 1] or uint8) -> [H, W, 3] for imshow."""
-    image = _to_numpy(image)
+    image = to_numpy(image)
     if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
         image = image.transpose(1, 2, 0)
     if image.dtype != np.uint8:
@@ -55,24 +51,24 @@ def draw_instances(ax, image, boxes=None, labels=None, scores=None, masks=None, 
     picture = _image_hwc(image)
     height, width = picture.shape[:2]
     artists = [ax.imshow(picture)]
-    counts = [len(_to_numpy(a)) for a in (boxes, labels, scores, masks) if a is not None]
+    counts = [len(to_numpy(a)) for a in (boxes, labels, scores, masks) if a is not None]
     if counts and len(set(counts)) != 1:
         raise ValueError(f"boxes, labels, scores and masks must describe the same instances, got lengths {counts}")
     num_instances = counts[0] if counts else 0
     keep = np.arange(num_instances)
     if scores is not None:
-        keep = keep[_to_numpy(scores)[keep] >= score_thresh]
+        keep = keep[to_numpy(scores)[keep] >= score_thresh]
 
-    colours = [colour_for(int(_to_numpy(labels)[i]) if labels is not None else i) for i in keep]
+    colours = [colour_for(int(to_numpy(labels)[i]) if labels is not None else i) for i in keep]
     if masks is not None and len(keep):
         overlay = np.zeros((height, width, 4), dtype=np.float32)  # one RGBA layer for all masks
-        masks_np = _to_numpy(masks)
+        masks_np = to_numpy(masks)
         for colour, i in zip(colours, keep):
             inside = masks_np[i] >= 0.5 if masks_np.dtype.kind == "f" else masks_np[i].astype(bool)
             overlay[inside] = (*colour, MASK_ALPHA)
         artists.append(ax.imshow(overlay))
     if boxes is not None:
-        boxes_np = _to_numpy(boxes)
+        boxes_np = to_numpy(boxes)
         for colour, i in zip(colours, keep):
             x1, y1, x2, y2 = (float(v) for v in boxes_np[i])
             artists.append(ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
@@ -80,12 +76,12 @@ def draw_instances(ax, image, boxes=None, labels=None, scores=None, masks=None, 
     for colour, i in zip(colours, keep):
         caption = []
         if labels is not None:
-            label = int(_to_numpy(labels)[i])
+            label = int(to_numpy(labels)[i])
             caption.append(class_names[label] if class_names is not None else str(label))
         if scores is not None:
-            caption.append(f"{float(_to_numpy(scores)[i]):.2f}")
+            caption.append(f"{float(to_numpy(scores)[i]):.2f}")
         if caption and boxes is not None:
-            x1, y1 = (float(v) for v in _to_numpy(boxes)[i][:2])
+            x1, y1 = (float(v) for v in to_numpy(boxes)[i][:2])
             artists.append(ax.text(x1, y1, " ".join(caption), fontsize=7, color="white", va="bottom",
                                    bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "edgecolor": "none"}))
     ax.set_xlim(-0.5, width - 0.5)
@@ -104,7 +100,7 @@ def draw_panoptic(ax, panoptic_ids, segments_info, categories):
     Returns:
         list of the matplotlib artists added.
     """
-    ids = _to_numpy(panoptic_ids)
+    ids = to_numpy(panoptic_ids)
     if ids.ndim != 2:
         raise ValueError(f"panoptic_ids: expected [H, W], got shape {ids.shape}")
     category_of = {c["id"]: c for c in categories}
@@ -136,7 +132,7 @@ def draw_panoptic(ax, panoptic_ids, segments_info, categories):
 def describe(name: str, array) -> str:
     """Print and return a one-line summary: name, shape, dtype, min, max (handy in notebooks)."""
     dtype = str(getattr(array, "dtype", None) or np.asarray(array).dtype)  # torch.float32 or float32
-    values = _to_numpy(array)
+    values = to_numpy(array)
     if values.size:
         numbers = values.astype(np.float64)
         low, high = f"{numbers.min():.4g}", f"{numbers.max():.4g}"

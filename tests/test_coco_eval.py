@@ -15,7 +15,7 @@ from minimrcnn.evaluation.coco import (
     predictions_to_coco_results,
 )
 from minimrcnn.evaluation.coco_ap import coco_ap
-from minimrcnn.evaluation.inference import predict_dataset
+from minimrcnn.engine.inference import predict_dataset
 
 HEIGHT, WIDTH = 96, 128
 

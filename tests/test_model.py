@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from minimrcnn import MaskRCNN, get_config
-from minimrcnn.modeling.image_list import batch_images, resized_size
+from minimrcnn.data.transforms import resized_shape
+from minimrcnn.modeling.image_list import batch_images
 from minimrcnn.modeling.model import LOSS_NAMES, training_targets
 
 NUM_CLASSES = 5
@@ -105,8 +106,8 @@ def test_training_targets_drop_crowd_and_rescale_boxes():
 
 
 def test_resize_and_padding():
-    assert resized_size(60, 80, 64, 96) == (64, 85)
-    assert resized_size(60, 200, 64, 96) == (29, 96)  # the long side caps the scale
+    assert resized_shape(60, 80, 64, 96) == (64, 85)
+    assert resized_shape(60, 200, 64, 96) == (29, 96)  # the long side caps the scale
     images = [torch.ones(3, 60, 80), torch.ones(3, 72, 50)]
     batch = batch_images(images, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 64, 96, 32)
     assert batch.tensor.shape == (2, 3, 96, 96)

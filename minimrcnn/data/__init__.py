@@ -1,6 +1,7 @@
-"""Data: the synthetic shapes set, the COCO instances loader and its transforms."""
+"""Data: the synthetic shapes set, the COCO instances (and panoptic) loader and its transforms."""
 
 from minimrcnn.data.coco import CocoFormatError, CocoInstances, collate
+from minimrcnn.data.panoptic import CocoPanoptic
 from minimrcnn.data.shapes import SHAPES_CATEGORIES, ensure_shapes, generate_shapes
 from minimrcnn.data.transforms import Compose, Normalize, RandomHorizontalFlip, Resize
 
@@ -8,6 +9,7 @@ __all__ = [
     "SHAPES_CATEGORIES",
     "CocoFormatError",
     "CocoInstances",
+    "CocoPanoptic",
     "Compose",
     "Normalize",
     "RandomHorizontalFlip",

@@ -1,7 +1,7 @@
 """Transforms on ``(image, target)`` pairs: resize, horizontal flip, normalize.
 
 ``image`` is float [3, H, W]; ``target`` is the dict of ``CocoInstances`` (boxes [M, 4]
-xyxy, masks [M, H, W], ...) or None. Each transform returns a new target dict and never
+xyxy, masks [M, H, W], ...; ``CocoPanoptic`` adds sem_seg [H, W]) or None. Each transform returns a new target dict and never
 changes the one it was given. Random choices use torch's generator, so ``torch.manual_seed``
 makes them repeatable.
 """
@@ -67,6 +67,10 @@ class Resize:
         else:
             # "nearest-exact" samples each output pixel at its centre, so mask and scaled box agree.
             target["masks"] = F.interpolate(masks[None], size=(new_height, new_width), mode="nearest-exact")[0]
+        if "sem_seg" in target:  # semantic labels [H, W] (CocoPanoptic): nearest, like the masks
+            sem_seg = target["sem_seg"]
+            target["sem_seg"] = F.interpolate(sem_seg[None, None], size=(new_height, new_width),
+                                              mode="nearest-exact")[0, 0]
         return image, target
 
     def __repr__(self):
@@ -92,6 +96,8 @@ class RandomHorizontalFlip:
         boxes = target["boxes"]
         target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
         target["masks"] = target["masks"].flip(-1)
+        if "sem_seg" in target:
+            target["sem_seg"] = target["sem_seg"].flip(-1)
         return image, target
 
     def __repr__(self):

@@ -11,7 +11,9 @@ import json
 import math
 from pathlib import Path
 
-LOSS_NAMES = ("loss_objectness", "loss_rpn_box", "loss_classifier", "loss_box", "loss_mask")
+from minimrcnn.modeling.model import LOSS_NAMES, SEMANTIC_LOSS_NAME  # the model names its losses; one list for both
+
+OPTIONAL_LOSS_NAMES = (SEMANTIC_LOSS_NAME,)  # only some models have them (Panoptic FPN's semantic branch)
 FEW_POINTS = 20  # below this many records, mark each point (a single one draws no line)
 
 
@@ -65,7 +67,7 @@ def plot_loss_curve(records: list[dict], path, title: str = "training losses") -
     figure = Figure(figsize=(6, 3.6), dpi=100)
     axes = figure.subplots()
     iterations = [record["iteration"] for record in records]
-    for name in ("loss", *LOSS_NAMES):
+    for name in ("loss", *LOSS_NAMES, *OPTIONAL_LOSS_NAMES):
         values = [record.get(name, math.nan) for record in records]
         if any(math.isfinite(v) and v > 0 for v in values):
             axes.plot(iterations, values, label=name, linewidth=2.0 if name == "loss" else 1.0,

@@ -28,6 +28,8 @@ import torch
 from minimrcnn.config import Config, get_config
 from minimrcnn.engine import checkpoint as ckpt
 from minimrcnn.engine import distributed as distrib
+from minimrcnn.engine.device import resolve_device
+from minimrcnn.engine.evaluate import evaluate_model
 from minimrcnn.engine.logging import LOSS_NAMES, MetricsWriter, plot_loss_curve, read_metrics
 from minimrcnn.engine.schedule import (CALIBRATION_ITERS, CALIBRATION_SKIP, BudgetPlanner, lr_factor,
                                        stretch_warmup)
@@ -38,15 +40,6 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---------------------------------------------------------------- building blocks
-
-
-def resolve_device(device=None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device} requested but CUDA is not available")
-    return device
 
 
 def shapes_root(data_root) -> Path:
@@ -181,8 +174,11 @@ def _check_resume_config(config: Config, saved: dict, path: Path) -> None:
 def _class_info(dataset) -> dict:
     names = getattr(dataset, "class_names", None)
     category_ids = getattr(dataset, "category_ids", None)
-    return {"class_names": list(names) if names is not None else None,
+    info = {"class_names": list(names) if names is not None else None,
             "category_ids": [int(c) for c in category_ids] if category_ids is not None else None}
+    if getattr(dataset, "stuff_names", None) is not None:  # CocoPanoptic: names of the semantic classes
+        info["stuff_names"] = list(dataset.stuff_names)
+    return info
 
 
 # ---------------------------------------------------------------- the loop
@@ -238,7 +234,8 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
     budget: the speed of the first iterations sets ``max_iter`` and the schedule
     stretches to it. Writes ``last.pth`` (every ``checkpoint_period`` iterations and at the
     end), ``model_final.pth``, ``metrics.jsonl`` (a line every ``log_period`` iterations),
-    ``loss_curve.png`` and ``metrics.json``.
+    ``loss_curve.png`` and ``metrics.json``; with ``config.semantic_head`` also the panoptic
+    predictions of val (``panoptic_predictions.json`` and PNGs) and their PQ in the summary.
     """
     call_start = time.perf_counter()
     device = resolve_device(device)
@@ -272,6 +269,14 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
     train_dataset = CocoInstances(paths["train_images"], paths["train_annotations"])
     val_dataset = CocoInstances(paths["val_images"], paths["val_annotations"]) \
         if evaluate and paths["val_images"] is not None else None
+    if config.semantic_head:  # Panoptic FPN: semantic targets from the panoptic ground truth
+        from minimrcnn.engine.panoptic_eval import default_panoptic_paths, panoptic_dataset
+
+        train_dataset = panoptic_dataset(paths["train_images"], paths["train_annotations"],
+                                         *default_panoptic_paths(paths["train_annotations"]), config)
+        if val_dataset is not None:
+            val_dataset = panoptic_dataset(paths["val_images"], paths["val_annotations"],
+                                           *default_panoptic_paths(paths["val_annotations"]), config)
 
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matrix products, as is usual for training
@@ -392,41 +397,12 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
                         title=f"{config.name}: training losses")
     if val_dataset is not None:
         summary.update(evaluate_model(model, val_dataset, paths["val_annotations"], device,
-                                      batch_size=max(1, config.batch_size // info.world_size)))
+                                      batch_size=max(1, config.batch_size // info.world_size),
+                                      panoptic_out=out_dir if config.semantic_head else None))
     if info.is_main:
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     distrib.barrier()
     return summary
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-def evaluate_model(model, val_dataset, annotation_file, device, batch_size: int = 8,
-                   print_table: bool = True) -> dict:
-    """COCO bbox and segm AP of ``model`` on ``val_dataset``, each process predicting a shard.
-
-    Returns ``{"bbox": {...}, "segm": {...}}`` (AP as fractions) on every process.
-    """
-    from minimrcnn.evaluation.coco import evaluate_coco, format_ap_table, predictions_to_coco_results
-    from minimrcnn.evaluation.inference import predict_dataset
-
-    info = distrib.get_info()
-    model = ckpt.unwrap_model(model).eval()
-    shard = torch.utils.data.Subset(val_dataset, distrib.shard_indices(len(val_dataset), info.rank,
-                                                                       info.world_size))
-    predictions = predict_dataset(model, shard, device, batch_size)
-    image_ids = [image_id for image_id, _ in predictions]
-    results = predictions_to_coco_results([p for _, p in predictions], image_ids,
-                                          getattr(val_dataset, "category_ids", None))
-    gathered = distrib.all_gather_objects(results)
-    metrics = None
-    if info.is_main:
-        all_results = [r for part in gathered for r in part]
-        metrics = evaluate_coco(str(annotation_file), all_results)
-        if print_table:
-            print(format_ap_table(metrics))
-    return distrib.broadcast_object(metrics)
 
 
 # ---------------------------------------------------------------- command line

@@ -2,8 +2,8 @@
 
 ``predictions_to_coco_results`` turns model outputs into the COCO results format
 (boxes as ``[x, y, w, h]``, masks as compressed RLE), ``evaluate_coco`` runs
-``COCOeval`` for boxes and masks, ``format_ap_table`` prints the usual table, and
-``evaluate_from_args`` is ``python -m minimrcnn evaluate``.
+``COCOeval`` for boxes and masks and ``format_ap_table`` prints the usual table.
+Running a model to get the outputs is the engine's job (``minimrcnn.engine.evaluate``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")
 
 
-def _to_numpy(values) -> np.ndarray:
+def to_numpy(values) -> np.ndarray:
+    """An array of ``values``: a NumPy array, a list, or a torch tensor (copied to the CPU).
+
+    Duck-typed on ``detach`` so that this package needs no torch import of its own.
+    """
     if hasattr(values, "detach"):  # a torch tensor, maybe on the GPU
         values = values.detach().cpu().numpy()
     return np.asarray(values)
@@ -32,7 +36,7 @@ def _to_numpy(values) -> np.ndarray:
 
 def encode_masks(masks) -> list[dict]:
     """Masks [D, H, W] (bool or 0/1) -> D compressed RLE dicts with ``counts`` as str (JSON-ready)."""
-    masks = _to_numpy(masks)
+    masks = to_numpy(masks)
     if masks.ndim != 3:
         raise ValueError(f"masks must be [D, H, W], got shape {tuple(masks.shape)}")
     if masks.shape[0] == 0:
@@ -59,9 +63,9 @@ def predictions_to_coco_results(predictions, image_ids, category_ids=None) -> li
                          "must have the same length")
     results = []
     for prediction, image_id in zip(predictions, image_ids):
-        boxes = _to_numpy(prediction["boxes"]).astype(np.float64).reshape(-1, 4)  # [D, 4]
-        labels = _to_numpy(prediction["labels"]).reshape(-1)
-        scores = _to_numpy(prediction["scores"]).astype(np.float64).reshape(-1)
+        boxes = to_numpy(prediction["boxes"]).astype(np.float64).reshape(-1, 4)  # [D, 4]
+        labels = to_numpy(prediction["labels"]).reshape(-1)
+        scores = to_numpy(prediction["scores"]).astype(np.float64).reshape(-1)
         if not len(boxes) == len(labels) == len(scores):
             raise ValueError(f"image {image_id}: boxes, labels and scores differ in length")
         rles = encode_masks(prediction["masks"]) if "masks" in prediction else None
@@ -145,27 +149,3 @@ def format_ap_table(metrics: dict) -> str:
                         for name in AP_NAMES)
         lines.append(f"{iou_type:<14}{cells}")
     return "\n".join(lines)
-
-
-def evaluate_from_args(args) -> dict:
-    """``python -m minimrcnn evaluate --checkpoint C --images DIR --annotations FILE [--out DIR]``."""
-    from minimrcnn.data import CocoInstances
-    from minimrcnn.engine.checkpoint import load_model
-    from minimrcnn.engine.train import resolve_device
-    from minimrcnn.evaluation.inference import predict_dataset
-
-    device = resolve_device(args.device)
-    model, _ = load_model(args.checkpoint, device)
-    dataset = CocoInstances(args.images, args.annotations)
-    predictions = predict_dataset(model, dataset, device, progress=True)
-    results = predictions_to_coco_results([p for _, p in predictions], [i for i, _ in predictions],
-                                          getattr(dataset, "category_ids", None))
-    metrics = evaluate_coco(args.annotations, results)
-    print(format_ap_table(metrics))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "coco_results.json").write_text(json.dumps(results))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print(f"wrote {out / 'coco_results.json'} and {out / 'metrics.json'}")
-    return metrics

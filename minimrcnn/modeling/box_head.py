@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minimrcnn.ops.boxes import BOX_LOSSES
+
 # Detectron2's initialisation of the two predictors: small, so training starts from
 # uniform class scores and from the proposals' own boxes.
 CLASS_LOGITS_INIT_STD = 0.01
 BOX_DELTAS_INIT_STD = 0.001
-BOX_LOSSES = ("l1", "smooth_l1")
 # Smooth-L1's switch point from quadratic to linear (Fast R-CNN uses 1; on deltas
 # scaled by the (10, 10, 5, 5) weights a smaller beta is common; 0 is plain L1).
 SMOOTH_L1_BETA = 1.0

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from minimrcnn.data.transforms import resized_shape  # the one resize rule, shared with the data side
+
 
 @dataclass
 class ImageBatch:
@@ -32,20 +34,12 @@ class ImageBatch:
     scales: list[tuple[float, float]]
 
 
-def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """The (height, width) after scaling the short side to min_size, capped by max_size."""
-    scale = min_size / min(height, width)
-    if max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return int(round(height * scale)), int(round(width * scale))
-
-
 def normalize_and_resize(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                          min_size: int, max_size: int) -> tuple[torch.Tensor, tuple[float, float]]:
     """image: [3, H, W] in [0, 1] -> ([3, H', W'] normalized, (sx, sy) = (W'/W, H'/H))."""
     height, width = image.shape[-2:]
     image = (image - mean) / std
-    new_height, new_width = resized_size(height, width, min_size, max_size)
+    new_height, new_width = resized_shape(height, width, min_size, max_size)
     if (new_height, new_width) != (height, width):
         image = F.interpolate(image[None], size=(new_height, new_width), mode="bilinear",
                               align_corners=False)[0]
@@ -84,4 +78,4 @@ def batch_images(images: list[torch.Tensor], mean, std, min_size: int, max_size:
     )
 
 
-__all__ = ["ImageBatch", "batch_images", "normalize_and_resize", "pad_batch", "resized_size"]
+__all__ = ["ImageBatch", "batch_images", "normalize_and_resize", "pad_batch"]

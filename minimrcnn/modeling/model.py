@@ -5,11 +5,17 @@
 
 Inputs are lists of float RGB images [3, H, W] in [0, 1] at any sizes; targets (for
 training) are dicts with boxes [G, 4] float32 xyxy, labels [G] int64 in 1..K,
-masks [G, H, W] uint8/bool and optionally iscrowd [G] int64. Crowd regions and
+masks [G, H, W] uint8/bool and optionally iscrowd [G] int64 (with the semantic head also
+sem_seg [H, W], the semantic class per pixel: 0 thing, 1..S stuff, 255 ignored). Crowd regions and
 zero-width or zero-height boxes are dropped from training targets (Detectron2 also
 leaves crowds out of the losses; an empty box has no defined regression target).
 
-Shape shorthand: N images; G objects of an image; D detections; H, W original size.
+With ``config.semantic_head`` the model is Panoptic FPN (Kirillov et al. 2019): a semantic
+branch on P2..P5 trained beside the instance heads, and at inference the fusion of both
+into a panoptic segmentation (``minimrcnn.modeling.panoptic.fuse``).
+
+Shape shorthand: N images; G objects of an image; D detections; H, W original size;
+S semantic classes (1 thing + stuff).
 """
 
 from __future__ import annotations
@@ -21,11 +27,14 @@ from minimrcnn.modeling.backbone import build_backbone
 from minimrcnn.modeling.fpn import build_fpn
 from minimrcnn.modeling.image_list import batch_images
 from minimrcnn.modeling.masks import paste_masks_in_image
+from minimrcnn.modeling.panoptic import fuse
 from minimrcnn.modeling.roi_heads import build_roi_heads
 from minimrcnn.modeling.rpn import build_rpn
+from minimrcnn.modeling.semantic_head import build_semantic_head, semantic_targets
 from minimrcnn.ops.boxes import clip_boxes
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box", "loss_classifier", "loss_box", "loss_mask")
+SEMANTIC_LOSS_NAME = "loss_semantic"  # the sixth loss, only with config.semantic_head
 MASK_DTYPES = (torch.uint8, torch.bool)
 
 
@@ -89,6 +98,25 @@ def validate_targets(images: list[torch.Tensor], targets, num_classes: int) -> N
                              f"out of range 1..{num_classes - 1} (0 is the background)")
 
 
+def validate_semantic_targets(images: list[torch.Tensor], targets, num_classes: int) -> None:
+    """Each target needs sem_seg [H, W] of integer labels 0..num_classes-1 or 255 (ignored)."""
+    for index, (image, target) in enumerate(zip(images, targets)):
+        where = f"targets[{index}]['sem_seg']"
+        sem_seg = target.get("sem_seg")
+        if not isinstance(sem_seg, torch.Tensor):
+            raise ValueError(f"{where}: the semantic head needs a [H, W] tensor of semantic labels "
+                             "(use minimrcnn.data.CocoPanoptic)")
+        if sem_seg.shape != image.shape[-2:]:
+            raise ValueError(f"{where}: expected {tuple(image.shape[-2:])} (image height, width), "
+                             f"got {tuple(sem_seg.shape)}")
+        if sem_seg.is_floating_point() or sem_seg.dtype == torch.bool:
+            raise TypeError(f"{where}: expected integer labels, got {sem_seg.dtype}")
+        bad = (sem_seg != 255) & ((sem_seg < 0) | (sem_seg >= num_classes))
+        if bad.any():
+            raise ValueError(f"{where}: label {int(sem_seg[bad][0])} is out of range 0..{num_classes - 1} "
+                             "(or 255, ignored)")
+
+
 def training_targets(targets: list[dict], scales: list[tuple[float, float]]) -> list[dict]:
     """Targets as the heads use them: no crowd or empty boxes, boxes in resized-image pixels.
 
@@ -113,7 +141,11 @@ def training_targets(targets: list[dict], scales: list[tuple[float, float]]) -> 
 
 class MaskRCNN(nn.Module):
     """``model(images, targets)`` -> the five losses (training); ``model.predict(images)``
-    -> per image dict(boxes [D, 4], labels [D], scores [D], masks [D, H, W] bool)."""
+    -> per image dict(boxes [D, 4], labels [D], scores [D], masks [D, H, W] bool).
+
+    With ``config.semantic_head`` training adds ``loss_semantic`` and each prediction adds
+    ``sem_seg`` [S, H, W] float logits, ``panoptic_seg`` [H, W] int64 segment ids (0 void)
+    and ``segments_info`` (COCO panoptic dicts, see ``fuse_panoptic``)."""
 
     def __init__(self, config):
         super().__init__()
@@ -126,6 +158,10 @@ class MaskRCNN(nn.Module):
             # NHWC convolutions: much faster for small models on CPU.
             self.backbone.to(memory_format=torch.channels_last)
             self.fpn.to(memory_format=torch.channels_last)
+        # Panoptic FPN's semantic branch; without it the model is plain Mask R-CNN (no new parameters).
+        self.semantic_head = build_semantic_head(config) if config.semantic_head else None
+        if self.semantic_head is not None and config.channels_last:
+            self.semantic_head.to(memory_format=torch.channels_last)
 
     def preprocess(self, images: list[torch.Tensor]):
         """Normalize, resize (a random short side in training) and pad into an ImageBatch."""
@@ -146,23 +182,60 @@ class MaskRCNN(nn.Module):
             if targets is None:
                 raise ValueError("targets: required in training mode (call model.eval() or predict())")
             validate_targets(images, targets, self.config.num_classes)
+            if self.semantic_head is not None:
+                validate_semantic_targets(images, targets, self.semantic_head.num_classes)
         batch = self.preprocess(images)
         features = self.fpn(self.backbone(batch.tensor))
+        semantic_logits = self.semantic_head(features) if self.semantic_head is not None else None
         if self.training:
+            sem_segs = [target["sem_seg"] for target in targets] if semantic_logits is not None else None
             targets = training_targets(targets, batch.scales)
             gt_boxes = [target["boxes"] for target in targets]
             proposals, rpn_losses = self.rpn(features, batch.image_sizes, gt_boxes)
             _, roi_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
             losses = {**rpn_losses, **roi_losses}
+            if semantic_logits is not None:  # sem_seg resized like the image, padding ignored
+                gt_semantic = semantic_targets(sem_segs, batch.image_sizes, tuple(batch.tensor.shape[-2:]))
+                losses[SEMANTIC_LOSS_NAME] = self.semantic_head.loss(semantic_logits, gt_semantic)
             check_losses_finite(losses)
             return losses
         proposals, _ = self.rpn(features, batch.image_sizes, None)
         detections, _ = self.roi_heads(features, proposals, batch.image_sizes)
         original_sizes = [tuple(image.shape[-2:]) for image in images]
-        return [
+        results = [
             self.to_original_image(detection, scale, size)
             for detection, scale, size in zip(detections, batch.scales, original_sizes)
         ]
+        if semantic_logits is not None:
+            for index, (result, size) in enumerate(zip(results, original_sizes)):
+                logits = self.semantic_to_original_image(semantic_logits[index], batch.image_sizes[index], size)
+                result["sem_seg"] = logits
+                result["panoptic_seg"], result["segments_info"] = self.fuse_panoptic(result, logits)
+        return results
+
+    def semantic_to_original_image(self, logits: torch.Tensor, image_size: tuple[int, int],
+                                   original_size: tuple[int, int]) -> torch.Tensor:
+        """[S, Hp, Wp] logits of a padded batch slot -> [S, H, W]: crop the padding, resize back."""
+        height, width = image_size
+        logits = logits[:, :height, :width]
+        if (height, width) != tuple(original_size):
+            logits = torch.nn.functional.interpolate(logits[None], size=original_size, mode="bilinear",
+                                                     align_corners=False)[0]
+        return logits.float().contiguous()
+
+    def fuse_panoptic(self, result: dict, semantic_logits: torch.Tensor):
+        """The panoptic segmentation of one image: its instances and the argmax of its logits.
+
+        Category ids are the model's contiguous ones: thing label l -> l (1..K), stuff
+        class s -> K + s, which on a COCO panoptic file with things listed before stuff
+        (as in shapes) are its category ids; evaluation maps them to the dataset's.
+        """
+        config = self.config
+        num_things = config.num_classes - 1
+        stuff_category_ids = [0] + [num_things + s for s in range(1, self.semantic_head.num_classes)]
+        return fuse(result["masks"], result["scores"], result["labels"], semantic_logits.argmax(dim=0),
+                    score_thresh=config.panoptic_score_thresh, overlap_thresh=config.panoptic_overlap_thresh,
+                    stuff_area_thresh=config.panoptic_stuff_area_thresh, stuff_category_ids=stuff_category_ids)
 
     def to_original_image(self, detection: dict, scale: tuple[float, float],
                           original_size: tuple[int, int]) -> dict:
@@ -207,5 +280,5 @@ def check_losses_finite(losses: dict[str, torch.Tensor]) -> None:
                                  "enable grad_clip, or check the targets")
 
 
-__all__ = ["LOSS_NAMES", "MaskRCNN", "check_losses_finite", "training_targets",
-           "validate_images", "validate_targets"]
+__all__ = ["LOSS_NAMES", "SEMANTIC_LOSS_NAME", "MaskRCNN", "check_losses_finite", "training_targets",
+           "validate_images", "validate_semantic_targets", "validate_targets"]

@@ -23,12 +23,11 @@ from torch import nn
 from minimrcnn.modeling.anchors import AnchorGenerator
 from minimrcnn.modeling.matcher import IGNORE, NEGATIVE, POSITIVE, Matcher
 from minimrcnn.modeling.sampling import subsample_labels
-from minimrcnn.ops.boxes import BoxCoder, batched_nms, box_iou, clip_boxes
+from minimrcnn.ops.boxes import BOX_LOSSES, BoxCoder, batched_nms, box_iou, clip_boxes
 
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # RPN deltas are not rescaled (the box head uses 10, 10, 5, 5)
 HEAD_INIT_STD = 0.01
 SMOOTH_L1_BETA = 1.0 / 9  # torchvision's RPN value; at beta -> 0 smooth-L1 becomes L1
-BOX_LOSSES = ("l1", "smooth_l1")
 
 
 class RPNHead(nn.Module):

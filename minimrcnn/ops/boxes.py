@@ -16,6 +16,8 @@ import torch
 
 # Never let exp(dw) blow up a box beyond 1000/16 times its proposal (Detectron2's clamp).
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
+# The losses offered for regressing BoxCoder deltas (by the RPN and by the box head).
+BOX_LOSSES = ("l1", "smooth_l1")
 
 
 def _check_boxes(boxes: torch.Tensor, name: str) -> None:
