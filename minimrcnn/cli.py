@@ -1,4 +1,4 @@
-"""Command line: ``python -m minimrcnn {data,train,evaluate,predict,demo} ...``.
+"""Command line: ``python -m minimrcnn {data,train,evaluate,predict,demo,ablate} ...``.
 
 Each sub-command only parses its arguments and calls one function of the package,
 so everything here can also be done from a script or a notebook.
@@ -67,6 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", default="data/shapes")
     demo.add_argument("--time-budget", type=float, default=None, metavar="MINUTES")
     demo.add_argument("--device", default=None)
+
+    ablate = commands.add_parser("ablate", help="the paper's Table 2 ablations, several seeds each (resumable)")
+    ablate.add_argument("--out", default="runs/ablate", help="folder: runs.json, table.md, one folder per run")
+    ablate.add_argument("--seeds", type=int, default=3)
+    ablate.add_argument("--only", default=None, help="comma-separated rows (default: all; see engine/ablate.py)")
+    length = ablate.add_mutually_exclusive_group(required=True)
+    length.add_argument("--time-budget", type=float, default=None, metavar="MINUTES", help="per run")
+    length.add_argument("--iterations", type=int, default=None, help="fixed iterations per run (fair under load)")
+    ablate.add_argument("--config", default="shapes-cpu", help="base preset or JSON file")
+    ablate.add_argument("--data", default="data/shapes")
+    ablate.add_argument("--device", default=None)
+    ablate.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    ablate.add_argument("--nice", type=int, default=0, help="niceness of each run's process")
+    ablate.add_argument("--val-limit", type=int, default=None, help="evaluate on the first N val images only")
     return parser
 
 
@@ -92,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         from minimrcnn.engine.predict import predict_from_args
 
         predict_from_args(args)
+        return 0
+    if args.command == "ablate":
+        from minimrcnn.engine.ablate import ablate_from_args
+
+        ablate_from_args(args)
         return 0
     if args.command == "demo":
         from minimrcnn.engine.demo import run_demo

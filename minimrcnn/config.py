@@ -60,7 +60,9 @@ class Config:
     rpn_box_loss: str = "l1"  # "l1" or "smooth_l1"
 
     # ---- RoI heads ----
-    roi_op: str = "align"  # "align" (Mask R-CNN) or "pool" (Faster R-CNN's RoIPool; ablation)
+    # "align" (Mask R-CNN); ablations (Table 2c): "pool" (Faster R-CNN's RoIPool), "warp" (RoIPool's
+    # quantized corners, then RoIAlign's bilinear average), "warp_max" and "align_max" (max over samples)
+    roi_op: str = "align"
     roi_sampling_ratio: int = 0  # <= 0: adaptive, ceil(roi_size / output_size)
     roi_canonical_level: int = 4  # k0 in FPN Eqn. (1)
     roi_canonical_size: int = 224
@@ -88,6 +90,12 @@ class Config:
     panoptic_score_thresh: float = 0.5  # fusion: instances below this score are not placed
     panoptic_overlap_thresh: float = 0.5  # fusion: drop an instance with more of its mask already taken
     panoptic_stuff_area_thresh: int = 4096  # fusion: a stuff region needs this many free pixels
+    # ---- ablation switches (Table 2 of the paper; the defaults are the paper's model) ----
+    mask_class_agnostic: bool = False  # True: one mask channel shared by all classes (Table 2b, 29.7 AP)
+    # False: no FPN, the "C4" design as a single stride-16 map: res4 (C4) through a 1x1 conv to
+    # fpn_channels; the RPN puts every anchor size on it and the RoI heads pool from it (the paper's
+    # C4 also moves res5 into the RoI head; we keep the heads as they are).
+    backbone_fpn: bool = True
 
     # ---- inference ----
     score_thresh: float = 0.05

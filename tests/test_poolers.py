@@ -108,4 +108,4 @@ def test_pooler_empty_rois_and_bad_arguments():
     with pytest.raises(ValueError, match="rois"):
         pooler(features, torch.zeros(3, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="roi_op"):
-        MultiScaleRoIPooler(7, (2, 3), roi_op="warp")
+        MultiScaleRoIPooler(7, (2, 3), roi_op="bilinear")  # "warp" is an ablation op now

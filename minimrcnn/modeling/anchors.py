@@ -61,7 +61,12 @@ class AnchorGenerator(nn.Module):
             raise ValueError(f"sizes ({len(sizes)}) and strides ({len(strides)}) need one entry per level")
         if not 0.0 <= offset < 1.0:
             raise ValueError(f"offset must be in [0, 1), got {offset}")
-        self.sizes = tuple(float(s) for s in sizes)
+        # A level's entry is one size or, for a single-level (no FPN) model, a tuple of sizes.
+        self.sizes = tuple(tuple(float(v) for v in s) if isinstance(s, (tuple, list)) else float(s) for s in sizes)
+        sizes_per_level = {len(s) if isinstance(s, tuple) else 1 for s in self.sizes}
+        if len(sizes_per_level) != 1:
+            raise ValueError(f"sizes: every level needs the same number of sizes (one shared RPN head), got {sizes}")
+        self.sizes_per_level = sizes_per_level.pop()
         self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
         self.strides = tuple(int(s) for s in strides)
         self.offset = float(offset)
@@ -69,7 +74,13 @@ class AnchorGenerator(nn.Module):
 
     @property
     def num_anchors_per_cell(self) -> int:
-        return len(self.aspect_ratios)
+        return self.sizes_per_level * len(self.aspect_ratios)
+
+    def level_cell_anchors(self, size) -> torch.Tensor:
+        """[A, 4] cell anchors of a level: its one size, or its sizes in order, times the ratios."""
+        if isinstance(size, tuple):
+            return torch.cat([cell_anchors(s, self.aspect_ratios) for s in size])
+        return cell_anchors(size, self.aspect_ratios)
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """features: L maps [N, C, Hi, Wi] -> L anchor tensors [Hi * Wi * A, 4]."""
@@ -79,7 +90,7 @@ class AnchorGenerator(nn.Module):
         anchors = self._cache.pop(key, None)
         if anchors is None:
             anchors = [
-                grid_anchors(cell_anchors(size, self.aspect_ratios), tuple(f.shape[-2:]), stride,
+                grid_anchors(self.level_cell_anchors(size), tuple(f.shape[-2:]), stride,
                              self.offset).to(features[0].device)
                 for size, stride, f in zip(self.sizes, self.strides, features)
             ]

@@ -92,9 +92,46 @@ class FPN(nn.Module):
         return outputs
 
 
-def build_fpn(config, backbone_out_channels) -> FPN:
-    """The FPN of ``config`` (fpn_channels, fpn_levels) over a backbone with ``backbone_out_channels``."""
+# Without FPN the heads work on one map of stride 16 = 2**4: res4's output ("C4").
+SINGLE_LEVEL = 4
+
+
+class SingleLevelNeck(nn.Module):
+    """The no-FPN ablation: ``forward([C2, C3, C4, C5]) -> [1x1 conv of C4]``, one [N, C, H/16, W/16] map.
+
+    The 1x1 conv only gives C4 the channels the heads expect; no top-down path, no other level,
+    so small objects must be found on a stride-16 map (C5 is computed by the backbone but unused).
+    """
+
+    def __init__(self, backbone_channels, out_channels: int = 256):
+        super().__init__()
+        backbone_channels = list(backbone_channels)
+        if len(backbone_channels) != LAST_BACKBONE_LEVEL - FIRST_BACKBONE_LEVEL + 1:
+            raise ValueError(f"backbone_channels: expected 4 values (C2..C5), got {backbone_channels}")
+        self.levels = (SINGLE_LEVEL,)
+        self.out_channels = out_channels
+        self.strides = [2**SINGLE_LEVEL]
+        self.projection = nn.Conv2d(backbone_channels[SINGLE_LEVEL - FIRST_BACKBONE_LEVEL], out_channels, 1)
+        nn.init.kaiming_uniform_(self.projection.weight, a=1)
+        nn.init.zeros_(self.projection.bias)
+
+    def forward(self, backbone_features: list[torch.Tensor]) -> list[torch.Tensor]:
+        if len(backbone_features) != LAST_BACKBONE_LEVEL - FIRST_BACKBONE_LEVEL + 1:
+            raise ValueError(f"backbone_features: expected 4 maps (C2..C5), got {len(backbone_features)}")
+        return [self.projection(backbone_features[SINGLE_LEVEL - FIRST_BACKBONE_LEVEL])]
+
+
+def feature_levels_of(config) -> tuple[int, ...]:
+    """The levels the RPN and RoI heads see: ``fpn_levels``, or (4,) when ``backbone_fpn`` is False."""
+    return tuple(config.fpn_levels) if getattr(config, "backbone_fpn", True) else (SINGLE_LEVEL,)
+
+
+def build_fpn(config, backbone_out_channels) -> FPN | SingleLevelNeck:
+    """The FPN of ``config`` (fpn_channels, fpn_levels) over a backbone with ``backbone_out_channels``,
+    or the single stride-16 map when ``config.backbone_fpn`` is False."""
+    if not getattr(config, "backbone_fpn", True):
+        return SingleLevelNeck(backbone_out_channels, out_channels=config.fpn_channels)
     return FPN(backbone_out_channels, out_channels=config.fpn_channels, levels=config.fpn_levels)
 
 
-__all__ = ["FPN", "build_fpn", "check_levels"]
+__all__ = ["FPN", "SINGLE_LEVEL", "SingleLevelNeck", "build_fpn", "check_levels", "feature_levels_of"]

@@ -9,6 +9,7 @@ so classes never compete for a pixel: deciding the class is the box head's job.
 Two ablations from the paper are switchable:
 - ``mask_head="mlp"``: flatten and predict the K x M x M logits with FC layers
   (loses the pixel-to-pixel correspondence the FCN keeps);
+- ``mask_class_agnostic=True``: a single mask channel shared by all classes;
 - ``mask_loss="softmax"``: a per-pixel softmax across classes. We append a fixed
   zero logit as the background channel, so pixel p of a RoI of class c is trained
   towards class c where the target is 1 and towards background where it is 0,
@@ -103,6 +104,12 @@ def with_background_logit(mask_logits: torch.Tensor) -> torch.Tensor:
     return torch.cat([background, mask_logits], dim=1)
 
 
+def shared_channel_classes(mask_logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """The channel to read for each RoI: its class, or 1 for all when the head has a single
+    (class-agnostic) channel. mask_logits: [R, K, M, M]; classes: [R] in 1..num_classes-1."""
+    return classes if mask_logits.shape[1] > 1 else torch.ones_like(classes)
+
+
 def mask_loss(
     mask_logits: torch.Tensor,
     gt_classes: torch.Tensor,
@@ -121,6 +128,7 @@ def mask_loss(
     if gt_classes.numel() == 0:
         return mask_logits.sum().float() * 0.0
     mask_logits = mask_logits.float()  # float32 loss even under autocast
+    gt_classes = shared_channel_classes(mask_logits, gt_classes)
     if loss_type == "sigmoid":
         gt_class_logits = select_class_channel(mask_logits, gt_classes)
         return F.binary_cross_entropy_with_logits(gt_class_logits, mask_targets.to(gt_class_logits.dtype))
@@ -135,6 +143,7 @@ def mask_probabilities(
     """Foreground probability of each RoI's (predicted) class: [R, K, M, M] -> [R, M, M]."""
     if mask_logits.shape[0] == 0:
         return mask_logits.new_zeros((0,) + tuple(mask_logits.shape[2:]))
+    classes = shared_channel_classes(mask_logits, classes)
     if loss_type == "softmax":
         probabilities = with_background_logit(mask_logits).softmax(dim=1)
         rows = torch.arange(mask_logits.shape[0], device=mask_logits.device)
@@ -143,7 +152,8 @@ def mask_probabilities(
 
 
 def build_mask_head(config, in_channels: int) -> nn.Module:
-    num_thing_classes = config.num_classes - 1
+    # class-agnostic (Table 2b): one channel, read for every class (see shared_channel_classes)
+    num_thing_classes = 1 if getattr(config, "mask_class_agnostic", False) else config.num_classes - 1
     if config.mask_head == "fcn":
         return FCNMaskHead(
             in_channels, config.mask_pool_size, config.mask_resolution,
@@ -164,5 +174,6 @@ __all__ = [
     "mask_loss",
     "mask_probabilities",
     "select_class_channel",
+    "shared_channel_classes",
     "with_background_logit",
 ]

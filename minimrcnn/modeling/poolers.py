@@ -22,14 +22,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minimrcnn.modeling.fpn import feature_levels_of
 from minimrcnn.ops.roi_align import roi_align
 from minimrcnn.ops.roi_pool import roi_pool
+from minimrcnn.ops.roi_warp import roi_warp
 
 # FPN levels that may carry RoIs (P2-P5, FPN paper section 4.2).
 ROI_LEVELS = (2, 3, 4, 5)
 # Keeps log2 finite for zero-area boxes (they land on the lowest level).
 LEVEL_EPS = 1e-8
-ROI_OPS = ("align", "pool")
+ROI_OPS = ("align", "pool", "warp", "warp_max", "align_max")
+# The bilinear ablations of Table 2c: roi_op -> (quantize the corners as RoIPool?, reduction over samples).
+WARP_OPS = {"warp": (True, "avg"), "warp_max": (True, "max"), "align_max": (False, "max")}
 
 
 def assign_boxes_to_levels(
@@ -67,7 +71,8 @@ class MultiScaleRoIPooler(nn.Module):
         output_size: S, side of the pooled square.
         feature_levels: the level number of each feature map passed to ``forward``
             (e.g. (2, 3, 4, 5, 6)); level l has stride 2**l.
-        roi_op: "align" (bilinear, no quantization: Mask R-CNN) or "pool" (RoIPool).
+        roi_op: "align" (bilinear, no quantization: Mask R-CNN), "pool" (RoIPool), or one of
+            WARP_OPS: "warp" (quantized corners, bilinear average), "warp_max", "align_max".
         sampling_ratio: RoIAlign samples per bin side; <= 0 means ceil(roi_size / S).
     """
 
@@ -110,6 +115,12 @@ class MultiScaleRoIPooler(nn.Module):
                 features, rois, self.output_size, spatial_scale=scale,
                 sampling_ratio=self.sampling_ratio, aligned=True,
             )
+        if self.roi_op in WARP_OPS:
+            quantize, reduction = WARP_OPS[self.roi_op]
+            return roi_warp(
+                features, rois, self.output_size, spatial_scale=scale, sampling_ratio=self.sampling_ratio,
+                aligned=True, quantize=quantize, reduction=reduction,
+            )
         return roi_pool(features, rois, self.output_size, spatial_scale=scale)
 
     def forward(self, features: list[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
@@ -149,10 +160,11 @@ class MultiScaleRoIPooler(nn.Module):
 
 
 def build_pooler(config, output_size: int, feature_levels: tuple[int, ...] | None = None):
-    """A pooler for ``config.fpn_levels`` with the config's RoI op and sampling ratio."""
+    """A pooler for the config's feature levels (``fpn_levels``, or the single stride-16 map when
+    ``backbone_fpn`` is False) with the config's RoI op and sampling ratio."""
     return MultiScaleRoIPooler(
         output_size,
-        feature_levels if feature_levels is not None else config.fpn_levels,
+        feature_levels if feature_levels is not None else feature_levels_of(config),
         roi_op=config.roi_op,
         sampling_ratio=config.roi_sampling_ratio,
         canonical_level=config.roi_canonical_level,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimrcnn.modeling.anchors import AnchorGenerator
+from minimrcnn.modeling.fpn import feature_levels_of
 from minimrcnn.modeling.matcher import IGNORE, NEGATIVE, POSITIVE, Matcher
 from minimrcnn.modeling.sampling import subsample_labels
 from minimrcnn.ops.boxes import BOX_LOSSES, BoxCoder, batched_nms, box_iou, clip_boxes
@@ -323,17 +324,26 @@ class RPN(nn.Module):
 
 
 def build_rpn(config, in_channels: int) -> RPN:
-    """The RPN of ``config``; anchor strides follow the FPN levels (stride 2**level)."""
+    """The RPN of ``config``; anchor strides follow the FPN levels (stride 2**level).
+
+    Without FPN (``backbone_fpn=False``) every anchor size sits on the one stride-16 map.
+    """
+    if not getattr(config, "backbone_fpn", True):
+        return _build_rpn(config, in_channels, (tuple(config.anchor_sizes),), feature_levels_of(config))
     if len(config.anchor_sizes) != len(config.fpn_levels):
         raise ValueError(
             f"anchor_sizes: {len(config.anchor_sizes)} sizes for fpn_levels {tuple(config.fpn_levels)}; "
             "need one size per level"
         )
+    return _build_rpn(config, in_channels, config.anchor_sizes, config.fpn_levels)
+
+
+def _build_rpn(config, in_channels: int, anchor_sizes, levels) -> RPN:
     return RPN(
         in_channels,
-        anchor_sizes=config.anchor_sizes,
+        anchor_sizes=anchor_sizes,
         aspect_ratios=config.anchor_aspect_ratios,
-        strides=tuple(2**level for level in config.fpn_levels),
+        strides=tuple(2**level for level in levels),
         fg_iou_thresh=config.rpn_fg_iou_thresh,
         bg_iou_thresh=config.rpn_bg_iou_thresh,
         batch_size_per_image=config.rpn_batch_size_per_image,

@@ -1,0 +1,555 @@
+"""RoIWarp and max-RoIAlign: the middle rows of Mask R-CNN's Table 2c, as one op.
+
+Table 2c separates the two things RoIAlign changes with respect to RoIPool:
+    quantization: RoIPool rounds the RoI's corners to the feature grid (and its bins);
+    reduction:    RoIPool takes the max over a bin, RoIAlign the average of bilinear samples.
+RoIWarp (Dai et al., MNC 2016) quantizes the corners as RoIPool does but samples
+bilinearly as RoIAlign does. ``roi_warp(..., quantize, reduction)`` covers all four
+combinations of bilinear sampling:
+
+    quantize=True,  reduction="avg"  RoIWarp (ave)     quantize=False, reduction="avg"  RoIAlign (= roi_align)
+    quantize=True,  reduction="max"  RoIWarp max       quantize=False, reduction="max"  RoIAlign max
+
+Shape shorthand:
+    N: images, C: channels, H, W: feature map size
+    K: RoIs, ph, pw: output (pooled) size, gh, gw: samples per bin along y, x
+
+Semantics (RoIAlign's, REFERENCE.md, with two switches):
+    quantize: each corner becomes round(x * spatial_scale) with C rounding (halves away
+        from zero), exactly as RoIPool rounds it, and the quantized corners are used on
+        the feature map (scale 1). Nothing else is rounded: the bins and samples are
+        RoIAlign's. With ``aligned`` (the model's setting) the half-pixel shift comes
+        after the rounding, so a quantized corner sits on a pixel boundary, which is
+        where RoIPool's rounding puts it too.
+    samples: start = corner - 0.5 if aligned else corner; roi size clamped to >= 1 only
+        when not aligned; bin = size / pooled; samples per bin = sampling_ratio, or
+        ceil(size / pooled) if <= 0; sample (iy, ix) of bin (py, px) at
+        start + p * bin + (i + 0.5) * bin / grid; a sample outside [-1, H] x [-1, W] has
+        the value 0 (the map is not read); inside, it is clamped and interpolated bilinearly.
+    reduction "avg": sum of the bin's samples / max(gh * gw, 1) (RoIAlign).
+    reduction "max": the largest sample value of the bin, outside samples counting as 0;
+        strict '>' in (iy, ix) row-major order, so the first sample wins ties; a bin with
+        no samples (an empty RoI when aligned) is 0. The gradient goes to the four pixels
+        of the winning sample, with its bilinear weights (none for an outside sample).
+
+The helpers below repeat RoIAlign's geometry on purpose instead of importing the
+kernel internals of roi_align.py: that file's internals change independently, and
+tests/test_roi_warp.py pins this op to roi_align for quantize=False, reduction="avg".
+
+The file reads top to bottom: 1. NumPy reference (the spec) -> 2. scalar helpers
+shared by CPU and CUDA -> 3. Numba CPU kernels -> 4. numba.cuda kernels -> 5. dispatch
+-> 6. autograd function, public function and nn.Module.
+"""
+
+import math
+
+import numba
+import numpy as np
+import torch
+from numba import cuda
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from minimrcnn.ops._numba import cuda_launch, image_order, unravel_cell  # first: Numba set-up
+from minimrcnn.ops._validate import (
+    check_cuda_backend,
+    check_features_and_rois,
+    check_spatial_scale,
+    output_size_pair,
+    resolve_backend,
+)
+
+REDUCTIONS = ("avg", "max")
+NO_SAMPLE = -1  # argmax of a bin without samples
+
+# ---------------------------------------------------------------------------
+# 1. NumPy reference: loops that follow the semantics above line by line.
+# ---------------------------------------------------------------------------
+
+
+def c_round(value):
+    """C's round(): halves go away from zero (2.5 -> 3, -2.5 -> -3), as RoIPool rounds corners."""
+    return math.floor(value + 0.5) if value >= 0 else -math.floor(-value + 0.5)
+
+
+def _reference_taps(y, x, height, width):
+    """The (row, col, weight) of the up to four pixels a sample at (y, x) reads; [] outside."""
+    if not (-1.0 <= y <= height and -1.0 <= x <= width):  # negated so that NaN lands here
+        return []
+    y, x = max(y, 0.0), max(x, 0.0)
+    y_low, x_low = int(y), int(x)
+    if y_low >= height - 1:
+        y_low = y_high = height - 1
+        y = float(y_low)
+    else:
+        y_high = y_low + 1
+    if x_low >= width - 1:
+        x_low = x_high = width - 1
+        x = float(x_low)
+    else:
+        x_high = x_low + 1
+    ly, lx = y - y_low, x - x_low
+    hy, hx = 1.0 - ly, 1.0 - lx
+    return [(y_low, x_low, hy * hx), (y_low, x_high, hy * lx), (y_high, x_low, ly * hx), (y_high, x_high, ly * lx)]
+
+
+def _reference_bins(roi, height, width, output_size, spatial_scale, sampling_ratio, aligned, quantize):
+    """Yield (py, px, samples) per bin of one RoI, samples = a list (in iy, ix order) of tap lists."""
+    pooled_h, pooled_w = output_size
+    corners = [roi[1] * spatial_scale, roi[2] * spatial_scale, roi[3] * spatial_scale, roi[4] * spatial_scale]
+    if quantize:
+        corners = [float(c_round(corner)) for corner in corners]
+    offset = 0.5 if aligned else 0.0
+    start_x, start_y = corners[0] - offset, corners[1] - offset
+    roi_w, roi_h = corners[2] - offset - start_x, corners[3] - offset - start_y
+    if not aligned:
+        roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
+    bin_w, bin_h = roi_w / pooled_w, roi_h / pooled_h
+    grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / pooled_h)
+    grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / pooled_w)
+    for py in range(pooled_h):
+        for px in range(pooled_w):
+            samples = []
+            for iy in range(grid_h):
+                y = start_y + py * bin_h + (iy + 0.5) * bin_h / grid_h
+                for ix in range(grid_w):
+                    x = start_x + px * bin_w + (ix + 0.5) * bin_w / grid_w
+                    samples.append(_reference_taps(y, x, height, width))
+            yield py, px, samples
+
+
+def roi_warp_reference(features, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True,
+                       quantize=True, reduction="avg"):
+    """features: [N, C, H, W] array, rois: [K, 5] array -> [K, C, ph, pw] float64 array."""
+    return _reference(features, rois, output_size, spatial_scale, sampling_ratio, aligned, quantize, reduction)[0]
+
+
+def roi_warp_backward_reference(features, grad_output, rois, output_size, spatial_scale=1.0, sampling_ratio=-1,
+                                aligned=True, quantize=True, reduction="avg"):
+    """Gradient w.r.t. features [N, C, H, W] (float64) of sum(grad_output * roi_warp(features)).
+
+    The max reduction needs the features to know which sample won, hence the argument.
+    """
+    return _reference(features, rois, output_size, spatial_scale, sampling_ratio, aligned, quantize, reduction,
+                      grad_output)[1]
+
+
+def _reference(features, rois, output_size, spatial_scale, sampling_ratio, aligned, quantize, reduction,
+               grad_output=None):
+    """(output [K, C, ph, pw], grad_features [N, C, H, W]); the gradient is zeros without grad_output."""
+    features = np.asarray(features, dtype=np.float64)
+    rois = np.asarray(rois, dtype=np.float64)
+    pooled_h, pooled_w = output_size
+    _, channels, height, width = features.shape
+    output = np.zeros((len(rois), channels, pooled_h, pooled_w))
+    grad_features = np.zeros(features.shape)
+    for k, roi in enumerate(rois):
+        b = int(roi[0])
+        bins = _reference_bins(roi, height, width, output_size, spatial_scale, sampling_ratio, aligned, quantize)
+        for py, px, samples in bins:
+            for c in range(channels):
+                values = [sum(w * features[b, c, r, col] for r, col, w in taps) for taps in samples]  # [] -> 0
+                if reduction == "avg":  # every sample, weight 1 / count
+                    chosen = [(taps, 1.0 / max(len(samples), 1)) for taps in samples]
+                else:  # the first sample of the largest value, weight 1
+                    chosen = [(samples[values.index(max(values))], 1.0)] if samples else []
+                for taps, scale in chosen:
+                    for r, col, w in taps:
+                        output[k, c, py, px] += scale * w * features[b, c, r, col]
+                        if grad_output is not None:
+                            grad_features[b, c, r, col] += scale * w * grad_output[k, c, py, px]
+    return output, grad_features
+
+
+# ---------------------------------------------------------------------------
+# 2. Scalar helpers shared by the CPU and CUDA kernels (plain Python, compiled
+#    twice). No max()/min() builtins: numba's CUDA target rejects them.
+# ---------------------------------------------------------------------------
+
+
+def warp_geometry(x1, y1, x2, y2, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, quantize):
+    """-> (start_y, start_x, bin_h, bin_w, grid_h, grid_w, count) of one RoI on the feature map."""
+    x1, y1, x2, y2 = x1 * spatial_scale, y1 * spatial_scale, x2 * spatial_scale, y2 * spatial_scale
+    if quantize:  # C rounding, as RoIPool: floor(v + 0.5) for v >= 0, -floor(-v + 0.5) below
+        x1 = math.floor(x1 + 0.5) if x1 >= 0 else -math.floor(-x1 + 0.5)
+        y1 = math.floor(y1 + 0.5) if y1 >= 0 else -math.floor(-y1 + 0.5)
+        x2 = math.floor(x2 + 0.5) if x2 >= 0 else -math.floor(-x2 + 0.5)
+        y2 = math.floor(y2 + 0.5) if y2 >= 0 else -math.floor(-y2 + 0.5)
+    offset = 0.5 if aligned else 0.0
+    start_x = x1 - offset
+    start_y = y1 - offset
+    roi_w = x2 - offset - start_x
+    roi_h = y2 - offset - start_y
+    if not aligned:
+        roi_w = roi_w if roi_w > 1.0 else 1.0
+        roi_h = roi_h if roi_h > 1.0 else 1.0
+    grid_h = sampling_ratio if sampling_ratio > 0 else int(math.ceil(roi_h / pooled_h))
+    grid_w = sampling_ratio if sampling_ratio > 0 else int(math.ceil(roi_w / pooled_w))
+    count = grid_h * grid_w if grid_h * grid_w > 1 else 1
+    return start_y, start_x, roi_h / pooled_h, roi_w / pooled_w, grid_h, grid_w, count
+
+
+def axis_taps(coord, size):
+    """One axis of a bilinear sample: (low, high, w_low, w_high); both weights 0 outside [-1, size]."""
+    if not (coord >= -1.0 and coord <= size):  # negated so that NaN lands here
+        return 0, 0, 0.0, 0.0
+    if coord < 0.0:
+        coord = 0.0
+    low = int(coord)
+    if low >= size - 1:
+        return size - 1, size - 1, 1.0, 0.0
+    frac = coord - low
+    return low, low + 1, 1.0 - frac, frac
+
+
+_geometry_cpu = numba.njit(cache=True)(warp_geometry)
+_axis_cpu = numba.njit(cache=True)(axis_taps)
+_geometry_cuda = cuda.jit(device=True)(warp_geometry)
+_axis_cuda = cuda.jit(device=True)(axis_taps)
+
+# ---------------------------------------------------------------------------
+# 3. Numba CPU kernels on [N, C, H, W] maps. The forward runs one task per RoI;
+#    the backward one task per (image, channel), which writes only its own
+#    plane of the gradient: no two threads ever add to the same pixel.
+# ---------------------------------------------------------------------------
+
+
+@numba.njit(cache=True)
+def _sample_axis(start, bin_size, grid, pooled, size):
+    """Taps of every sample along one axis, indexed p * grid + i: low, high, w_low, w_high."""
+    num = pooled * grid if pooled * grid > 0 else 0
+    low = np.empty(num, np.int64)
+    high = np.empty(num, np.int64)
+    w_low = np.empty(num, np.float64)
+    w_high = np.empty(num, np.float64)
+    for p in range(pooled):
+        for i in range(grid):
+            j = p * grid + i
+            low[j], high[j], w_low[j], w_high[j] = _axis_cpu(start + p * bin_size + (i + 0.5) * bin_size / grid, size)
+    return low, high, w_low, w_high
+
+
+@numba.njit(cache=True)
+def _roi_tables(roi, pooled_h, pooled_w, height, width, spatial_scale, sampling_ratio, aligned, quantize):
+    start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _geometry_cpu(
+        roi[1], roi[2], roi[3], roi[4], pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, quantize
+    )
+    ys = _sample_axis(start_y, bin_h, grid_h, pooled_h, height)
+    xs = _sample_axis(start_x, bin_w, grid_w, pooled_w, width)
+    return ys, xs, grid_h, grid_w, count
+
+
+@numba.njit(parallel=True, cache=True)
+def _forward_cpu(features, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, quantize, use_max,
+                 output, argmax):
+    """features: [N, C, H, W]; rois: [K, 5] float64; output [K, C, ph, pw] and argmax (int32, max only) written."""
+    height, width, channels = features.shape[2], features.shape[3], features.shape[1]
+    for k in numba.prange(rois.shape[0]):
+        b = int(rois[k, 0])
+        (y_low, y_high, wy_low, wy_high), (x_low, x_high, wx_low, wx_high), grid_h, grid_w, count = _roi_tables(
+            rois[k], pooled_h, pooled_w, height, width, spatial_scale, sampling_ratio, aligned, quantize
+        )
+        for c in range(channels):
+            plane = features[b, c]
+            for py in range(pooled_h):
+                for px in range(pooled_w):
+                    total = 0.0
+                    best = 0.0
+                    best_index = NO_SAMPLE
+                    for iy in range(py * grid_h, (py + 1) * grid_h):
+                        for ix in range(px * grid_w, (px + 1) * grid_w):
+                            value = 0.0  # outside samples are 0 and do not read the map (0 * inf = NaN)
+                            if (wy_low[iy] != 0 or wy_high[iy] != 0) and (wx_low[ix] != 0 or wx_high[ix] != 0):
+                                value = (
+                                    wy_low[iy] * (wx_low[ix] * plane[y_low[iy], x_low[ix]]
+                                                  + wx_high[ix] * plane[y_low[iy], x_high[ix]])
+                                    + wy_high[iy] * (wx_low[ix] * plane[y_high[iy], x_low[ix]]
+                                                     + wx_high[ix] * plane[y_high[iy], x_high[ix]])
+                                )
+                            total += value
+                            if best_index == NO_SAMPLE or value > best:
+                                best = value
+                                best_index = (iy - py * grid_h) * grid_w + (ix - px * grid_w)
+                    if use_max:
+                        output[k, c, py, px] = best
+                        argmax[k, c, py, px] = best_index
+                    else:
+                        output[k, c, py, px] = total / count
+
+
+@numba.njit(parallel=True, cache=True)
+def _backward_cpu(grad_output, argmax, rois, rois_by_image, image_offsets, spatial_scale, sampling_ratio, aligned,
+                  quantize, use_max, grad_features):
+    """grad_output: [K, C, ph, pw]; grad_features: [N, C, H, W] zeros, written plane by plane."""
+    num_images, channels, height, width = grad_features.shape
+    pooled_h, pooled_w = grad_output.shape[2], grad_output.shape[3]
+    for task in numba.prange(num_images * channels):
+        b, c = task // channels, task % channels
+        plane = grad_features[b, c]
+        for j in range(image_offsets[b], image_offsets[b + 1]):
+            k = rois_by_image[j]
+            (y_low, y_high, wy_low, wy_high), (x_low, x_high, wx_low, wx_high), grid_h, grid_w, count = _roi_tables(
+                rois[k], pooled_h, pooled_w, height, width, spatial_scale, sampling_ratio, aligned, quantize
+            )
+            for py in range(pooled_h):
+                for px in range(pooled_w):
+                    grad = grad_output[k, c, py, px]
+                    if use_max:
+                        s = argmax[k, c, py, px]
+                        if s == NO_SAMPLE:
+                            continue
+                        first_y, last_y = py * grid_h + s // grid_w, py * grid_h + s // grid_w + 1
+                        first_x, last_x = px * grid_w + s % grid_w, px * grid_w + s % grid_w + 1
+                    else:
+                        grad = grad / count
+                        first_y, last_y = py * grid_h, (py + 1) * grid_h
+                        first_x, last_x = px * grid_w, (px + 1) * grid_w
+                    for iy in range(first_y, last_y):
+                        for ix in range(first_x, last_x):
+                            # outside samples have zero weights: they add nothing
+                            plane[y_low[iy], x_low[ix]] += grad * wy_low[iy] * wx_low[ix]
+                            plane[y_low[iy], x_high[ix]] += grad * wy_low[iy] * wx_high[ix]
+                            plane[y_high[iy], x_low[ix]] += grad * wy_high[iy] * wx_low[ix]
+                            plane[y_high[iy], x_high[ix]] += grad * wy_high[iy] * wx_high[ix]
+
+
+def _empty_outputs(features, rois, pooled):
+    shape = (rois.shape[0], features.shape[1], *pooled)
+    output = torch.zeros(shape, dtype=features.dtype, device=features.device)
+    argmax = torch.full(shape, NO_SAMPLE, dtype=torch.int32, device=features.device)
+    return output, argmax
+
+
+def _numba_forward(features, rois, params):
+    pooled, spatial_scale, sampling_ratio, aligned, quantize, reduction = params
+    output, argmax = _empty_outputs(features, rois, pooled)
+    if output.numel() > 0:
+        _forward_cpu(features.detach().contiguous().numpy(), rois.detach().numpy().astype(np.float64), *pooled,
+                     spatial_scale, sampling_ratio, aligned, quantize, reduction == "max", output.numpy(),
+                     argmax.numpy())
+    return output, argmax
+
+
+def _numba_backward(grad_output, argmax, rois, feature_shape, params):
+    _, spatial_scale, sampling_ratio, aligned, quantize, reduction = params
+    grad_features = torch.zeros(feature_shape, dtype=grad_output.dtype)
+    if grad_output.numel() > 0:
+        rois64 = rois.detach().numpy().astype(np.float64)
+        rois_by_image, image_offsets = image_order(rois64, feature_shape[0])
+        _backward_cpu(grad_output.detach().contiguous().numpy(), argmax.numpy(), rois64, rois_by_image,
+                      image_offsets, spatial_scale, sampling_ratio, aligned, quantize, reduction == "max",
+                      grad_features.numpy())
+    return grad_features
+
+
+# ---------------------------------------------------------------------------
+# 4. CUDA kernels (numba.cuda): one thread per output cell; the backward adds
+#    with atomics, as several RoIs may read the same pixel. Under
+#    NUMBA_ENABLE_CUDASIM=1 the same kernels run, slowly, on CPU arrays.
+# ---------------------------------------------------------------------------
+
+
+@cuda.jit(device=True)
+def _sample_cuda(plane_b, c, y, x, height, width, features):
+    """Bilinear value at (y, x) of features[plane_b, c]; 0 outside (the map is not read)."""
+    y_low, y_high, wy_low, wy_high = _axis_cuda(y, height)
+    x_low, x_high, wx_low, wx_high = _axis_cuda(x, width)
+    if (wy_low == 0.0 and wy_high == 0.0) or (wx_low == 0.0 and wx_high == 0.0):
+        return 0.0
+    return (wy_low * (wx_low * features[plane_b, c, y_low, x_low] + wx_high * features[plane_b, c, y_low, x_high])
+            + wy_high * (wx_low * features[plane_b, c, y_high, x_low] + wx_high * features[plane_b, c, y_high, x_high]))
+
+
+@cuda.jit
+def _forward_cuda(features, rois, spatial_scale, sampling_ratio, aligned, quantize, use_max, output, argmax):
+    """features: [N, C, H, W]; rois: [K, 5]; output, argmax: [K, C, ph, pw] (written)."""
+    num_rois, channels, pooled_h, pooled_w = output.shape
+    height, width = features.shape[2], features.shape[3]
+    for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
+        k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
+        b = int(rois[k, 0])
+        start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _geometry_cuda(
+            rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], pooled_h, pooled_w, spatial_scale, sampling_ratio,
+            aligned, quantize
+        )
+        total = 0.0
+        best = 0.0
+        best_index = NO_SAMPLE
+        for iy in range(grid_h):
+            y = start_y + py * bin_h + (iy + 0.5) * bin_h / grid_h
+            for ix in range(grid_w):
+                value = _sample_cuda(b, c, y, start_x + px * bin_w + (ix + 0.5) * bin_w / grid_w, height, width,
+                                     features)
+                total += value
+                if best_index == NO_SAMPLE or value > best:
+                    best = value
+                    best_index = iy * grid_w + ix
+        if use_max:
+            output[k, c, py, px] = best
+            argmax[k, c, py, px] = best_index
+        else:
+            output[k, c, py, px] = total / count
+
+
+@cuda.jit(device=True)
+def _scatter_cuda(grad_features, b, c, y, x, height, width, grad):
+    y_low, y_high, wy_low, wy_high = _axis_cuda(y, height)
+    x_low, x_high, wx_low, wx_high = _axis_cuda(x, width)
+    if (wy_low == 0.0 and wy_high == 0.0) or (wx_low == 0.0 and wx_high == 0.0):
+        return  # outside: no gradient (and no atomics on pixel 0)
+    cuda.atomic.add(grad_features, (b, c, y_low, x_low), grad * wy_low * wx_low)
+    cuda.atomic.add(grad_features, (b, c, y_low, x_high), grad * wy_low * wx_high)
+    cuda.atomic.add(grad_features, (b, c, y_high, x_low), grad * wy_high * wx_low)
+    cuda.atomic.add(grad_features, (b, c, y_high, x_high), grad * wy_high * wx_high)
+
+
+@cuda.jit
+def _backward_cuda(grad_output, argmax, rois, spatial_scale, sampling_ratio, aligned, quantize, use_max,
+                   grad_features):
+    """grad_output, argmax: [K, C, ph, pw]; grad_features: [N, C, H, W] zeros (atomically accumulated into)."""
+    num_rois, channels, pooled_h, pooled_w = grad_output.shape
+    height, width = grad_features.shape[2], grad_features.shape[3]
+    for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
+        k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
+        b = int(rois[k, 0])
+        start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _geometry_cuda(
+            rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], pooled_h, pooled_w, spatial_scale, sampling_ratio,
+            aligned, quantize
+        )
+        if use_max:
+            s = argmax[k, c, py, px]
+            if s != NO_SAMPLE:
+                y = start_y + py * bin_h + (s // grid_w + 0.5) * bin_h / grid_h
+                x = start_x + px * bin_w + (s % grid_w + 0.5) * bin_w / grid_w
+                _scatter_cuda(grad_features, b, c, y, x, height, width, grad_output[k, c, py, px])
+            continue
+        grad = grad_output[k, c, py, px] / count
+        for iy in range(grid_h):
+            y = start_y + py * bin_h + (iy + 0.5) * bin_h / grid_h
+            for ix in range(grid_w):
+                _scatter_cuda(grad_features, b, c, y, start_x + px * bin_w + (ix + 0.5) * bin_w / grid_w, height,
+                              width, grad)
+
+
+def _cuda_forward(features, rois, params):
+    _, spatial_scale, sampling_ratio, aligned, quantize, reduction = params
+    output, argmax = _empty_outputs(features, rois, params[0])
+    if output.numel() > 0:
+        scalars = (spatial_scale, sampling_ratio, aligned, quantize, reduction == "max")
+        cuda_launch(_forward_cuda, output.numel(), (features.detach(), rois.detach()), scalars, (output, argmax),
+                    features.device)
+    return output, argmax
+
+
+def _cuda_backward(grad_output, argmax, rois, feature_shape, params):
+    _, spatial_scale, sampling_ratio, aligned, quantize, reduction = params
+    grad_features = torch.zeros(feature_shape, dtype=grad_output.dtype, device=grad_output.device)
+    if grad_output.numel() > 0:
+        scalars = (spatial_scale, sampling_ratio, aligned, quantize, reduction == "max")
+        cuda_launch(_backward_cuda, grad_output.numel(), (grad_output.detach(), argmax, rois.detach()), scalars,
+                    (grad_features,), grad_output.device)
+    return grad_features
+
+
+# ---------------------------------------------------------------------------
+# 5. Dispatch: backend -> (forward, backward) with
+#    forward(features, rois, params) -> (output, argmax) and
+#    backward(grad_output, argmax, rois, feature_shape, params) -> grad_features,
+#    params = (output_size, spatial_scale, sampling_ratio, aligned, quantize, reduction).
+#    The reference backend keeps the features for its backward (the max needs them).
+# ---------------------------------------------------------------------------
+
+
+def _reference_forward(features, rois, params):
+    output = roi_warp_reference(features.detach().numpy(), rois.detach().numpy(), *params)
+    return torch.from_numpy(output).to(features.dtype), features.detach()
+
+
+def _reference_backward(grad_output, saved_features, rois, feature_shape, params):
+    grad = roi_warp_backward_reference(saved_features.numpy(), grad_output.detach().numpy(), rois.detach().numpy(),
+                                       *params)
+    return torch.from_numpy(grad).to(grad_output.dtype)
+
+
+_BACKENDS = {
+    "reference": (_reference_forward, _reference_backward),
+    "numba": (_numba_forward, _numba_backward),
+    "cuda": (_cuda_forward, _cuda_backward),
+}
+
+# ---------------------------------------------------------------------------
+# 6. Autograd function and public API.
+# ---------------------------------------------------------------------------
+
+
+class _RoIWarpFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features, rois, params, backend):
+        forward_fn, _ = _BACKENDS[backend]
+        output, saved = forward_fn(features, rois, params)
+        ctx.save_for_backward(rois, saved)
+        ctx.params, ctx.backend, ctx.feature_shape = params, backend, tuple(features.shape)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        rois, saved = ctx.saved_tensors
+        _, backward_fn = _BACKENDS[ctx.backend]
+        return backward_fn(grad_output, saved, rois, ctx.feature_shape, ctx.params), None, None, None
+
+
+def roi_warp(features, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True, quantize=True,
+             reduction="avg", backend="auto"):
+    """Bilinearly pool each RoI, optionally with RoIPool's quantized corners and/or a max over samples.
+
+    features: [N, C, H, W] float32 or float64
+    rois: [K, 5] rows (batch_index, x1, y1, x2, y2) in input-image coordinates, same dtype
+    output_size: int or (ph, pw)
+    spatial_scale: feature map size / input image size (e.g. 1/16 for stride 16)
+    sampling_ratio: samples per bin along each axis; <= 0 means ceil(roi_size / output_size)
+    aligned: shift by half a pixel so that pixel centres line up (after quantizing)
+    quantize: round the corners to the feature grid as RoIPool does (RoIWarp)
+    reduction: "avg" (RoIAlign's mean of the samples) or "max" (the largest sample)
+    backend: "auto" (CUDA tensors -> "cuda", CPU -> "numba"), "reference", "numba", "cuda"
+    Returns: [K, C, ph, pw], differentiable w.r.t. features.
+    """
+    pooled = output_size_pair(output_size)
+    spatial_scale = check_spatial_scale(spatial_scale)
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, (int, np.integer)):
+        raise TypeError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_features_and_rois(features, rois)
+    backend = resolve_backend(backend, features)
+    if backend == "cuda":
+        check_cuda_backend(features.device)
+    params = (pooled, spatial_scale, int(sampling_ratio), bool(aligned), bool(quantize), reduction)
+    return _RoIWarpFunction.apply(features, rois, params, backend)
+
+
+class RoIWarp(nn.Module):
+    """nn.Module wrapper of roi_warp; forward(features [N,C,H,W], rois [K,5]) -> [K,C,ph,pw]."""
+
+    def __init__(self, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True, quantize=True,
+                 reduction="avg", backend="auto"):
+        super().__init__()
+        self.output_size = output_size_pair(output_size)
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.quantize = quantize
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, features, rois):
+        return roi_warp(features, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
+                        self.quantize, self.reduction, self.backend)
+
+    def extra_repr(self):
+        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, quantize={self.quantize}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+__all__ = ["RoIWarp", "roi_warp", "roi_warp_reference", "roi_warp_backward_reference", "warp_geometry"]
