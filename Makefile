@@ -13,7 +13,7 @@ PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -q -c co
 HEADLESS := MPLBACKEND=Agg
 INLINE := env -u MPLBACKEND
 
-.PHONY: demo test lab render data clean
+.PHONY: demo test lab student render data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,9 +28,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(INLINE) $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env --durations=15
 
-## JupyterLab on the course.
+## JupyterLab on the course (LAB_DIR=student for a student edition unpacked at the root);
+## Jupyter refuses to start as root without --allow-root, and containers often run as root.
+LAB_DIR ?= notebooks
 lab: $(STAMP)
-	$(INLINE) $(BIN)/jupyter lab notebooks
+	$(INLINE) $(BIN)/jupyter lab $(LAB_DIR) $$(if [ "$$(id -u)" = 0 ]; then echo --allow-root; fi)
+
+## The student edition: every notebook with its exercise solutions replaced by a stub, in build/student.
+student: $(STAMP)
+	$(BIN)/python -m minimrcnn.course.student --source notebooks --out build/student
 
 ## Every notebook executed into HTML under build/, for reading without running.
 render: $(STAMP)

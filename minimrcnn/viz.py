@@ -162,3 +162,58 @@ def draw_confusion_matrix(axes, matrix, class_names, title: str | None = None):
     if title:
         axes.set_title(title, fontsize=9)
     return axes
+
+
+def draw_boxes(ax, boxes, colours=None, linewidth: float = 1.0, linestyle: str = "-", alpha: float = 1.0):
+    """Outline boxes on an existing Axes (anchors, proposals, RoIs), with no image or captions.
+
+    boxes: [N, 4] xyxy (tensor or array); colours: one colour for all, or one per box
+    (default: ``colour_for(i)``). Returns the rectangles added.
+    """
+    from matplotlib.patches import Rectangle
+
+    boxes_np = np.asarray(boxes.detach().cpu() if hasattr(boxes, "detach") else boxes).reshape(-1, 4)
+    if colours is None:
+        colours = [colour_for(i) for i in range(len(boxes_np))]
+    elif isinstance(colours, str) or (len(colours) in (3, 4) and all(isinstance(c, (int, float)) for c in colours)):
+        # one colour for all: a name, or an RGB(A) tuple of numbers
+        colours = [colours] * len(boxes_np)
+    if len(colours) != len(boxes_np):
+        raise ValueError(f"colours: expected one per box ({len(boxes_np)}), got {len(colours)}")
+    return [ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour,
+                                   linewidth=linewidth, linestyle=linestyle, alpha=alpha))
+            for (x1, y1, x2, y2), colour in zip(boxes_np.tolist(), colours)]
+
+
+def draw_roi_pool_vs_align(ax_pool, ax_align, feature_map, roi, output_size, sampling_ratio,
+                           spatial_scale: float = 1.0):
+    """Notebook 01's picture: RoIPool's quantized bins (left) and RoIAlign's sample points (right).
+
+    feature_map: [H, W]; roi: (batch_index, x1, y1, x2, y2) in image coordinates. Drawn in
+    imshow's coordinates, where feature cell (r, c) is centred on (c, r): that is the
+    ``aligned=True`` convention, so the box is shifted by half a cell and the sample points
+    need no shift. Returns the artists added.
+    """
+    from matplotlib.patches import Rectangle
+
+    from minimrcnn.ops.roi_align import roi_align_sample_points
+    from minimrcnn.ops.roi_pool import roi_pool_bins
+
+    feature_map = np.asarray(feature_map.detach().cpu() if hasattr(feature_map, "detach") else feature_map)
+    height, width = feature_map.shape
+    roi = [float(v) for v in roi][:5]
+    _, x1, y1, x2, y2 = roi
+    s = spatial_scale
+    artists = []
+    for ax, title in ((ax_pool, "RoIPool: quantized bins"), (ax_align, "RoIAlign: sample points")):
+        artists.append(ax.imshow(feature_map, cmap="viridis"))
+        artists.append(ax.add_patch(Rectangle((x1 * s - 0.5, y1 * s - 0.5), (x2 - x1) * s, (y2 - y1) * s,
+                                              fill=False, ec="red", lw=2)))
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([]), ax.set_yticks([])
+    for _, _, r0, r1, c0, c1 in roi_pool_bins(roi, height, width, output_size, spatial_scale):
+        artists.append(ax_pool.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0, r1 - r0, fill=False,
+                                                   ec="white", lw=1, ls="--")))
+    points = roi_align_sample_points(roi, output_size, spatial_scale, sampling_ratio, aligned=True)
+    artists += ax_align.plot(points[..., 1].ravel(), points[..., 0].ravel(), "w.", ms=4)
+    return artists
