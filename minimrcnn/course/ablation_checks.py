@@ -12,8 +12,17 @@ from minimrcnn.ops.roi_align import roi_align
 from minimrcnn.ops.roi_pool import round_half_away
 
 
+try:
+    from minimrcnn.ops.roi_warp import roi_warp as _package_roi_warp
+except ImportError:  # the RoIWarp op is not in this tree: the rule itself
+    _package_roi_warp = None
+
+
 def roi_warp_reference(features, rois, output_size, spatial_scale):
     """RoIWarp: corners quantized as RoIPool does (C rounding), then RoIAlign's bilinear average."""
+    if _package_roi_warp is not None:
+        return _package_roi_warp(features, rois, output_size, spatial_scale, 2, aligned=True, quantize=True,
+                                 reduction="avg", backend="reference")
     quantized = rois.clone()
     quantized[:, 1:] = torch.tensor([[round_half_away(float(v) * spatial_scale) for v in roi[1:]] for roi in rois],
                                     dtype=rois.dtype).reshape(-1, 4)
@@ -49,7 +58,11 @@ def check_roi_warp(student_fn, **options):
     """student_fn(features [N, C, H, W], rois [K, 5], output_size, spatial_scale) -> [K, C, ph, pw]:
     RoIPool's corner rounding, then roi_align(..., spatial_scale=1, sampling_ratio=2, aligned=True)."""
     # The student calls roi_align's default backend: compile it now, not inside their time limit.
-    roi_align(torch.zeros(1, 1, 2, 2), torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0]]), (1, 1))
+    # (float64, like the cases: Numba compiles one kernel per dtype)
+    tiny = torch.zeros(1, 1, 2, 2, dtype=torch.float64), torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    roi_align(*tiny, (1, 1))
+    if _package_roi_warp is not None:
+        _package_roi_warp(*tiny, (1, 1))
     options.setdefault("time_limit", 20.0)
     return run_checks("roi_warp", student_fn, _warp_cases(),
                       compare_arrays(atol=1e-9, dtype_kind="f", tensor=True), **options)

@@ -226,6 +226,7 @@ def compare_arrays(*, atol: float = 1e-5, rtol: float = 1e-5, dtype_kind: str | 
             where = f" at index {first}" if expected_array.ndim else ""
             e = expected_array[first] if expected_array.ndim else expected_array
             o = obtained_array[first] if obtained_array.ndim else obtained_array
+            e, o = (v.item() if hasattr(v, "item") else v for v in (e, o))  # 0.5, not np.float64(0.5)
             return (f"wrong values: {int(wrong.sum())} of {wrong.size} differ; the first{where}: "
                     f"expected {e!r}, got {o!r}")
         return None
