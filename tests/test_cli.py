@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from minimrcnn.cli import main
+from minimrcnn.engine import checkpoint as ckpt
 from minimrcnn.engine.checkpoint import load_checkpoint
 
 TINY_OVERRIDES = {
@@ -46,3 +48,44 @@ def test_train_then_predict(tmp_path, tiny_shapes, capsys):
         picture = out_dir / f"{image.stem}.png"
         with Image.open(picture) as drawn:
             assert drawn.size[0] >= 128 and drawn.mode in ("RGB", "RGBA")
+
+
+def test_resume_continues_an_interrupted_run_exactly(tmp_path, tiny_shapes, monkeypatch):
+    """Ctrl-C during iteration 3 of 4 (after the checkpoint at 2), then ``train --resume`` with
+    nothing but --out: it continues at iteration 2 and ends with the uninterrupted run's weights."""
+    from minimrcnn.modeling.model import MaskRCNN
+
+    config_file = tmp_path / "tiny.json"
+    config_file.write_text(json.dumps({**TINY_OVERRIDES, "checkpoint_period": 2}))
+    arguments = ["--config", str(config_file), "--data", str(tiny_shapes), "--max-iter", "4", "--device", "cpu",
+                 "--no-eval"]
+    assert main(["train", "--out", str(tmp_path / "whole"), *arguments]) == 0
+
+    calls = {"count": 0, "interrupt_at": 3}  # the third forward is iteration 2 (0-based)
+
+    class InterruptedModel(MaskRCNN):
+        def forward(self, images, targets=None):
+            calls["count"] += 1
+            if calls["count"] == calls["interrupt_at"]:
+                raise KeyboardInterrupt
+            return super().forward(images, targets)
+
+    monkeypatch.setattr(ckpt, "build_model", InterruptedModel)
+    split = tmp_path / "split"
+    try:
+        code = main(["train", "--out", str(split), *arguments])
+    except (KeyboardInterrupt, SystemExit):
+        code = None
+    assert code != 0  # an interrupted run does not report success
+    assert load_checkpoint(split / "last.pth")["iteration"] == 2
+    assert not (split / "model_final.pth").exists()
+
+    calls["interrupt_at"] = None
+    assert main(["train", "--out", str(split), "--data", str(tiny_shapes), "--resume", "--no-eval"]) == 0
+    # 2 iterations, the interrupted one, then only the 2 left: it started from the checkpoint.
+    assert calls["count"] == 2 + 1 + 2
+    whole, resumed = load_checkpoint(tmp_path / "whole/last.pth"), load_checkpoint(split / "last.pth")
+    assert resumed["iteration"] == whole["iteration"] == 4
+    assert whole["model"].keys() == resumed["model"].keys()
+    for name, value in whole["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name

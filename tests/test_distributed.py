@@ -5,11 +5,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from minimrcnn.config import get_config
+from minimrcnn.data import CocoInstances
 from minimrcnn.engine.checkpoint import build_model, load_checkpoint
 from minimrcnn.engine.distributed import InfiniteBatchSampler, mix_seed, shard_indices
 from minimrcnn.engine.train import train
@@ -142,14 +144,26 @@ def test_two_processes_agree_on_a_time_budget(tmp_path, tiny_shapes):
     or one would wait forever in an all-reduce the other never joins (gloo reports a mismatch)."""
     config_file = tmp_path / "budget.json"
     config_file.write_text(json.dumps({**TINY_OVERRIDES, "max_iter": 1000, "warmup_iters": 10}))
+    # The probe runs `python -m minimrcnn` and records what each process evaluates.
+    probe = Path(__file__).with_name("distributed_eval_probe.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "minimrcnn", "train", "--config", str(config_file), "--out", str(tmp_path / "run"),
+               str(probe), "train", "--config", str(config_file), "--out", str(tmp_path / "run"),
                "--data", str(tiny_shapes), "--device", "cpu", "--time-budget", "0.3"]
-    finished = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                              text=True, timeout=300)
+    finished = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1", "PROBE_DIR": str(tmp_path)},
+                              capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     saved = load_checkpoint(tmp_path / "run" / "last.pth")
     assert saved["iteration"] == saved["max_iter"] < 1000
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["world_size"] == 2 and summary["iterations"] == saved["max_iter"]
-    assert set(summary["segm"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}  # evaluated on both shards
+    assert set(summary["segm"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    # Evaluated on both shards: together they hold every val image exactly once, and rank 0
+    # gathered both processes' results, each rank's own in rank order.
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    val_ids = CocoInstances(tiny_shapes / "images", tiny_shapes / "annotations/instances_val.json").image_ids
+    assert ranks[0]["size"] == ranks[1]["size"] == len(val_ids) == 8
+    assert sorted(ranks[0]["shard"] + ranks[1]["shard"]) == list(range(len(val_ids)))
+    for part in ranks:
+        assert set(part["own"]) <= {val_ids[i] for i in part["shard"]}
+        assert part["gathered"] == [ranks[0]["own"], ranks[1]["own"]]
+    assert ranks[0]["own"] and ranks[1]["own"]  # both shards' detections reach the evaluation

@@ -83,10 +83,16 @@ def test_masks_round_trip_through_pycocotools(tiny_shapes, split):
         annotations = coco.loadAnns(coco.getAnnIds(imgIds=image["id"]))
         assert len(annotations) == len(drawn["shapes"])
         union = np.zeros((128, 128), dtype=np.int64)
-        for annotation, shape in zip(annotations, drawn["shapes"]):
-            visible = shape["visible_mask"]
+        # Derived here: a shape shows where it is painted and no shape painted after it is.
+        full_masks = [shape["full_mask"] for shape in drawn["shapes"]]  # painting order, bottom first
+        for number, (annotation, shape) in enumerate(zip(annotations, drawn["shapes"])):
+            painted_later = np.zeros((128, 128), dtype=bool)
+            for later in full_masks[number + 1:]:
+                painted_later |= later
+            visible = full_masks[number] & ~painted_later
             decoded = coco.annToMask(annotation)
             assert np.array_equal(decoded, visible), f"annotation {annotation['id']}"
+            assert np.array_equal(shape["visible_mask"], visible)
             assert annotation["area"] == int(visible.sum()) >= shapes.MIN_VISIBLE_PIXELS
             assert annotation["bbox"] == tight_xywh(visible)
             assert annotation["category_id"] == shape["category_id"]
