@@ -329,7 +329,8 @@ def test_rpn_overfits_a_tiny_batch():
         features = fpn(backbone(images))
     optimizer = torch.optim.Adam(rpn.parameters(), lr=1e-2)
     history = []
-    for _ in range(30):
+    # 40 steps: at 30 the box loss's ratio depends on the sampling draws (0.12-0.31 over seeds).
+    for _ in range(40):
         _, losses = rpn(features, [(64, 64)] * 2, gt_boxes)
         loss = sum(losses.values())
         optimizer.zero_grad()

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from minimrcnn.modeling.backbone import build_backbone
+from minimrcnn.modeling.batched import pad_ground_truth
 from minimrcnn.modeling.fpn import build_fpn
 from minimrcnn.modeling.image_list import batch_images
 from minimrcnn.modeling.masks import paste_masks_in_image
@@ -84,8 +85,23 @@ def validate_targets(images: list[torch.Tensor], targets, num_classes: int) -> N
             raise TypeError(f"{where}['masks']: expected uint8 or bool, got {masks.dtype}")
         if "iscrowd" in target and target["iscrowd"].shape != (num_objects,):
             raise ValueError(f"{where}['iscrowd']: expected [{num_objects}], got {tuple(target['iscrowd'].shape)}")
-        if num_objects == 0:
-            continue
+    # The values of the whole batch in one read-back (one device sync instead of three per
+    # image); only a batch with a bad value is searched image by image for the message.
+    boxes = torch.cat([target["boxes"].detach() for target in targets])
+    labels = torch.cat([target["labels"] for target in targets])
+    if boxes.shape[0] == 0:
+        return
+    all_good = (torch.isfinite(boxes).all() & (boxes[:, 2] >= boxes[:, 0]).all() & (boxes[:, 3] >= boxes[:, 1]).all()
+                & ((labels >= 1) & (labels < num_classes)).all())
+    if bool(all_good):
+        return
+    for index, target in enumerate(targets):
+        check_target_values(f"targets[{index}]", target["boxes"], target["labels"], num_classes)
+
+
+def check_target_values(where: str, boxes: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+    """Raise a ValueError naming the first bad box or label of one target (``where``)."""
+    if boxes.shape[0] > 0:
         if not torch.isfinite(boxes).all():
             raise ValueError(f"{where}['boxes']: contains NaN or infinite values")
         bad = torch.nonzero((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).flatten()
@@ -189,10 +205,11 @@ class MaskRCNN(nn.Module):
         semantic_logits = self.semantic_head(features) if self.semantic_head is not None else None
         if self.training:
             sem_segs = [target["sem_seg"] for target in targets] if semantic_logits is not None else None
-            targets = training_targets(targets, batch.scales)
-            gt_boxes = [target["boxes"] for target in targets]
-            proposals, rpn_losses = self.rpn(features, batch.image_sizes, gt_boxes)
-            _, roi_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+            # Padded per batch with a validity mask (crowds and empty boxes invalid): the
+            # batched twin of training_targets, so the heads run once per batch.
+            ground_truth = pad_ground_truth(targets, batch.scales)
+            proposals, rpn_losses = self.rpn(features, batch.image_sizes, ground_truth)
+            _, roi_losses = self.roi_heads(features, proposals, batch.image_sizes, ground_truth)
             losses = {**rpn_losses, **roi_losses}
             if semantic_logits is not None:  # sem_seg resized like the image, padding ignored
                 gt_semantic = semantic_targets(sem_segs, batch.image_sizes, tuple(batch.tensor.shape[-2:]))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minimrcnn.modeling import batched
 from minimrcnn.modeling.box_head import box_head_losses, build_box_head
 from minimrcnn.modeling.mask_head import build_mask_head, mask_loss, mask_probabilities
 from minimrcnn.modeling.masks import mask_targets_for_image
@@ -95,7 +96,44 @@ class RoIHeads(nn.Module):
         return [list(field) for field in zip(*samples)]
 
     def losses(self, features, proposals, targets) -> dict[str, torch.Tensor]:
-        """The three second-stage losses for one batch (training mode)."""
+        """The three second-stage losses for one batch (training mode).
+
+        The same steps as ``losses_per_image`` (sample, pool, box losses, mask losses)
+        with the sampling and the mask targets done for the whole batch at once
+        (``modeling.batched``): the same distribution of samples and the same losses.
+        ``targets``: per-image dicts (as ``forward``) or a ``batched.BatchGroundTruth``.
+        """
+        if not isinstance(targets, batched.BatchGroundTruth):
+            targets = batched.pad_ground_truth(list(targets), drop_crowd_and_empty=False)
+        image_index, boxes, gt_classes, matched = batched.sample_rois_batched(
+            proposals, targets, self.proposal_matcher, self.batch_size_per_image,
+            self.positive_fraction, BACKGROUND)
+        rois = torch.cat([image_index[:, None].to(boxes.dtype), boxes], dim=1)
+        class_logits, box_deltas = self.box_head(self.box_pooler(features, rois))
+
+        # Regression targets: background rows regress onto themselves (never read).
+        foreground_rows = gt_classes > 0
+        if targets.boxes.shape[1] > 0:
+            gt_boxes = targets.boxes[image_index, matched].to(boxes.dtype)
+            matched_boxes = torch.where(foreground_rows[:, None], gt_boxes, boxes)
+        else:
+            matched_boxes = boxes
+        regression_targets = self.box_coder.encode(boxes, matched_boxes)
+        losses = box_head_losses(class_logits, box_deltas, gt_classes, regression_targets,
+                                 self.box_loss)
+
+        # The mask branch sees foreground RoIs only.
+        foreground = torch.nonzero(foreground_rows).squeeze(1)
+        mask_logits = self.mask_head(self.mask_pooler(features, rois[foreground]))
+        mask_targets = batched.mask_targets_batched(
+            targets, image_index[foreground], boxes[foreground], matched[foreground], self.mask_resolution)
+        losses["loss_mask"] = mask_loss(mask_logits, gt_classes[foreground], mask_targets,
+                                        self.mask_loss)
+        return losses
+
+    def losses_per_image(self, features, proposals, targets) -> dict[str, torch.Tensor]:
+        """The three second-stage losses, image by image (the form the course teaches;
+        ``losses`` computes the same for the whole batch at once)."""
         sampled_proposals, gt_classes_per_image, matched_per_image = (
             self.select_training_samples(proposals, targets)
         )

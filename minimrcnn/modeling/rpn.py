@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minimrcnn.modeling import batched
 from minimrcnn.modeling.anchors import AnchorGenerator
 from minimrcnn.modeling.fpn import feature_levels_of
 from minimrcnn.modeling.matcher import IGNORE, NEGATIVE, POSITIVE, Matcher
@@ -275,8 +276,10 @@ class RPN(nn.Module):
     def predict_proposals(self, anchors_per_level, objectness_per_level, deltas_per_level, image_sizes):
         """Proposals and their logits per image, with the train or test top-k of the current mode."""
         mode = 0 if self.training else 1
+        # Training uses the batched twin (same proposals, no per-image selections: fewer syncs).
+        find = batched.find_top_proposals_batched if self.training else find_top_proposals_per_image
         # Decode in float32: under bf16 autocast a box corner near 800 px would round by ~4 px.
-        return find_top_proposals_per_image(
+        return find(
             anchors_per_level,
             [logits.detach().float() for logits in objectness_per_level],
             [deltas.detach().float() for deltas in deltas_per_level],
@@ -303,12 +306,21 @@ class RPN(nn.Module):
 
         losses = {}
         if self.training:
-            if gt_boxes is None or len(gt_boxes) != len(image_sizes):
+            if isinstance(gt_boxes, batched.BatchGroundTruth):
+                ground_truth = gt_boxes
+            elif gt_boxes is None or len(gt_boxes) != len(image_sizes):
+                raise ValueError("gt_boxes: training needs one [M, 4] tensor per image")
+            else:
+                ground_truth = batched.ground_truth_from_boxes(gt_boxes, features[0].device)
+            if ground_truth.num_images != len(image_sizes):
                 raise ValueError("gt_boxes: training needs one [M, 4] tensor per image")
             anchors = torch.cat(anchors_per_level)  # [R, 4]
-            labels, matched_gt_boxes = assign_targets_to_anchors(anchors, gt_boxes, self.matcher)
-            sampled_labels = sample_anchors(labels, self.batch_size_per_image, self.positive_fraction)
-            losses = rpn_losses(
+            # The batched twins of assign_targets_to_anchors / sample_anchors / rpn_losses:
+            # the same targets and losses for all images at once, at fixed shapes.
+            labels, matched_gt_boxes = batched.assign_anchors_batched(anchors, ground_truth, self.matcher)
+            sampled_labels = batched.sample_anchors_batched(labels, self.batch_size_per_image,
+                                                            self.positive_fraction)
+            losses = batched.rpn_losses_masked(
                 torch.cat(objectness_per_level, dim=1),
                 torch.cat(deltas_per_level, dim=1),
                 anchors,
@@ -317,6 +329,7 @@ class RPN(nn.Module):
                 self.box_coder,
                 self.batch_size_per_image,
                 self.box_loss,
+                SMOOTH_L1_BETA,
             )
         if return_scores:
             return proposals, proposal_logits, losses

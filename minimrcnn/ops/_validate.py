@@ -6,9 +6,15 @@ model's wiring points at the call site instead of deep inside a kernel.
 """
 
 import math
+import os
 
 import numpy as np
 import torch
+
+# The value checks of RoIs on a GPU read the RoIs back to the host (a device sync per op
+# call). They run only when this is true (MINIMRCNN_DEBUG_CHECKS=1 in the environment, or
+# set it here); on CPU tensors, where reading is free, they always run.
+DEBUG_CHECKS = os.environ.get("MINIMRCNN_DEBUG_CHECKS", "0") not in ("", "0")
 
 BACKENDS = ("auto", "reference", "numba", "cuda")
 FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -41,8 +47,9 @@ def check_spatial_scale(spatial_scale):
 def check_features_and_rois(features, rois):
     """features: [N, C, H, W] float32/float64; rois: [K, 5] same dtype and device.
 
-    Checks the values of rois too: finite coordinates and integral batch indices
-    in [0, N). On CUDA this costs one device-to-host synchronization.
+    Checks the values of rois too (finite coordinates, integral batch indices in [0, N))
+    on CPU tensors always, and on the GPU only with ``DEBUG_CHECKS`` (there it costs one
+    device-to-host synchronization per call).
     """
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
@@ -64,12 +71,9 @@ def check_features_and_rois(features, rois):
         return
     num_images = features.shape[0]
     if rois.device.type == "cpu":
-        values = rois.detach().numpy()
-        finite = bool(np.isfinite(values).all())
-        batch_index = values[:, 0]
-        index_ok = finite and bool(
-            ((batch_index >= 0) & (batch_index < num_images) & (batch_index == np.floor(batch_index))).all()
-        )
+        finite, index_ok = _roi_values_ok_cpu(rois, num_images)
+    elif not DEBUG_CHECKS:
+        return
     else:
         values = rois.detach()
         batch_index = values[:, 0]
@@ -84,6 +88,17 @@ def check_features_and_rois(features, rois):
         raise ValueError("rois must hold finite coordinates (found NaN or inf)")
     if not index_ok:
         raise ValueError(f"rois[:, 0] (batch index) must hold integers in [0, {num_images})")
+
+
+def _roi_values_ok_cpu(rois, num_images):
+    """(finite, batch indices integral and in range) of CPU rois [K, 5], read in NumPy."""
+    values = rois.detach().numpy()
+    finite = bool(np.isfinite(values).all())
+    batch_index = values[:, 0]
+    index_ok = finite and bool(
+        ((batch_index >= 0) & (batch_index < num_images) & (batch_index == np.floor(batch_index))).all()
+    )
+    return finite, index_ok
 
 
 def resolve_backend(backend, features):

@@ -203,3 +203,47 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
         max_kept: int | None = None) -> torch.Tensor:
     """Class-agnostic non-maximum suppression; same contract as ``batched_nms``."""
     return batched_nms(boxes, scores, torch.zeros_like(scores, dtype=torch.int64), iou_threshold, max_kept)
+
+
+def nms_padded(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, valid: torch.Tensor,
+               iou_threshold: float, max_kept: int) -> tuple[torch.Tensor, list[int]]:
+    """``batched_nms`` for each row of a padded batch, with one copy to the host for all rows.
+
+    boxes: [N, K, 4]; scores, classes, valid: [N, K] (invalid entries take no part) ->
+    (kept [N, max_kept] int64 indices into K, each row by decreasing score and padded with
+    0 past its count; counts: N ints). Row n equals
+    ``batched_nms(boxes[n][valid[n]], ...)`` mapped back to positions in K.
+    """
+    if boxes.dim() != 3 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must have shape [N, K, 4], got {list(boxes.shape)}")
+    num_rows, num_boxes = boxes.shape[:2]
+    for name, tensor in (("scores", scores), ("classes", classes), ("valid", valid)):
+        if tensor.shape != (num_rows, num_boxes):
+            raise ValueError(f"{name} must have shape [{num_rows}, {num_boxes}], got {list(tensor.shape)}")
+    max_kept = int(max_kept)
+    kept = torch.zeros((num_rows, max(max_kept, 0)), dtype=torch.int64, device=boxes.device)
+    if num_boxes == 0 or max_kept <= 0:
+        return kept, [0] * num_rows
+    # Invalid entries sort last (-inf); valid ones by decreasing score, ties in input order.
+    keys = torch.where(valid, scores, torch.full_like(scores, -float("inf")))
+    order = torch.argsort(keys, dim=1, descending=True, stable=True)  # [N, K]
+    sorted_boxes = boxes.detach().gather(1, order[:, :, None].expand(-1, -1, 4))
+    sorted_classes = classes.gather(1, order).to(torch.int32)
+    sorted_valid = valid.gather(1, order).to(torch.int32)
+    # One host copy for all rows: boxes, then the classes and validity flags bit-cast
+    # into the boxes' dtype (exact), so nothing is rounded.
+    int_dtype = torch.int32 if boxes.dtype == torch.float32 else torch.int64
+    flags = torch.stack([sorted_classes, sorted_valid], dim=2).to(int_dtype).view(sorted_boxes.dtype)
+    packed = torch.cat([sorted_boxes, flags], dim=2).cpu().numpy()  # [N, K, 6]
+    host_boxes = np.ascontiguousarray(packed[:, :, :4])
+    host_flags = np.ascontiguousarray(packed[:, :, 4:]).view(np.int32 if int_dtype == torch.int32 else np.int64)
+    host_kept = np.zeros((num_rows, max_kept), dtype=np.int64)
+    counts = []
+    for row in range(num_rows):
+        num_valid = int(host_flags[row, :, 1].sum())
+        positions = _greedy_nms(host_boxes[row, :num_valid], host_flags[row, :num_valid, 0].astype(np.int64),
+                                float(iou_threshold), max_kept)
+        host_kept[row, : len(positions)] = positions
+        counts.append(len(positions))
+    kept = order.gather(1, torch.from_numpy(host_kept).to(order.device))
+    return kept, counts
