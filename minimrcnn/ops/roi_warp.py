@@ -209,8 +209,8 @@ _axis_cuda = cuda.jit(device=True)(axis_taps)
 
 # ---------------------------------------------------------------------------
 # 3. Numba CPU kernels on [N, C, H, W] maps. The forward runs one task per RoI;
-#    the backward one task per (image, channel), which writes only its own
-#    plane of the gradient: no two threads ever add to the same pixel.
+#    the backward one task per (image, channel chunk), which writes only its own
+#    planes of the gradient: no two threads ever add to the same pixel.
 # ---------------------------------------------------------------------------
 
 
@@ -279,38 +279,45 @@ def _forward_cpu(features, rois, pooled_h, pooled_w, spatial_scale, sampling_rat
 
 @numba.njit(parallel=True, cache=True)
 def _backward_cpu(grad_output, argmax, rois, rois_by_image, image_offsets, spatial_scale, sampling_ratio, aligned,
-                  quantize, use_max, grad_features):
-    """grad_output: [K, C, ph, pw]; grad_features: [N, C, H, W] zeros, written plane by plane."""
+                  quantize, use_max, channel_chunk, grad_features):
+    """grad_output: [K, C, ph, pw]; grad_features: [N, C, H, W] zeros, written chunk by chunk.
+
+    Task (image b, channels c0..c1) runs over the RoIs of image b, builds each RoI's tables once
+    and adds into grad_features[b, c0:c1] only: no two tasks write the same pixel.
+    """
     num_images, channels, height, width = grad_features.shape
     pooled_h, pooled_w = grad_output.shape[2], grad_output.shape[3]
-    for task in numba.prange(num_images * channels):
-        b, c = task // channels, task % channels
-        plane = grad_features[b, c]
+    num_chunks = (channels + channel_chunk - 1) // channel_chunk
+    for task in numba.prange(num_images * num_chunks):
+        b, c0 = task // num_chunks, (task % num_chunks) * channel_chunk
+        c1 = c0 + channel_chunk if c0 + channel_chunk < channels else channels
         for j in range(image_offsets[b], image_offsets[b + 1]):
             k = rois_by_image[j]
             (y_low, y_high, wy_low, wy_high), (x_low, x_high, wx_low, wx_high), grid_h, grid_w, count = _roi_tables(
                 rois[k], pooled_h, pooled_w, height, width, spatial_scale, sampling_ratio, aligned, quantize
             )
-            for py in range(pooled_h):
-                for px in range(pooled_w):
-                    grad = grad_output[k, c, py, px]
-                    if use_max:
-                        s = argmax[k, c, py, px]
-                        if s == NO_SAMPLE:
-                            continue
-                        first_y, last_y = py * grid_h + s // grid_w, py * grid_h + s // grid_w + 1
-                        first_x, last_x = px * grid_w + s % grid_w, px * grid_w + s % grid_w + 1
-                    else:
-                        grad = grad / count
-                        first_y, last_y = py * grid_h, (py + 1) * grid_h
-                        first_x, last_x = px * grid_w, (px + 1) * grid_w
-                    for iy in range(first_y, last_y):
-                        for ix in range(first_x, last_x):
-                            # outside samples have zero weights: they add nothing
-                            plane[y_low[iy], x_low[ix]] += grad * wy_low[iy] * wx_low[ix]
-                            plane[y_low[iy], x_high[ix]] += grad * wy_low[iy] * wx_high[ix]
-                            plane[y_high[iy], x_low[ix]] += grad * wy_high[iy] * wx_low[ix]
-                            plane[y_high[iy], x_high[ix]] += grad * wy_high[iy] * wx_high[ix]
+            for c in range(c0, c1):
+                plane = grad_features[b, c]
+                for py in range(pooled_h):
+                    for px in range(pooled_w):
+                        grad = grad_output[k, c, py, px]
+                        if use_max:
+                            s = argmax[k, c, py, px]
+                            if s == NO_SAMPLE:
+                                continue
+                            first_y, last_y = py * grid_h + s // grid_w, py * grid_h + s // grid_w + 1
+                            first_x, last_x = px * grid_w + s % grid_w, px * grid_w + s % grid_w + 1
+                        else:
+                            grad = grad / count
+                            first_y, last_y = py * grid_h, (py + 1) * grid_h
+                            first_x, last_x = px * grid_w, (px + 1) * grid_w
+                        for iy in range(first_y, last_y):
+                            for ix in range(first_x, last_x):
+                                # outside samples have zero weights: they add nothing
+                                plane[y_low[iy], x_low[ix]] += grad * wy_low[iy] * wx_low[ix]
+                                plane[y_low[iy], x_high[ix]] += grad * wy_low[iy] * wx_high[ix]
+                                plane[y_high[iy], x_low[ix]] += grad * wy_high[iy] * wx_low[ix]
+                                plane[y_high[iy], x_high[ix]] += grad * wy_high[iy] * wx_high[ix]
 
 
 def _empty_outputs(features, rois, pooled):
@@ -336,8 +343,11 @@ def _numba_backward(grad_output, argmax, rois, feature_shape, params):
     if grad_output.numel() > 0:
         rois64 = rois.detach().numpy().astype(np.float64)
         rois_by_image, image_offsets = image_order(rois64, feature_shape[0])
+        # enough (image, channel chunk) tasks for every thread, and chunks of at most 16 channels
+        threads = numba.get_num_threads()
+        chunk = max(1, min(16, -(-feature_shape[1] * feature_shape[0] // (2 * threads))))
         _backward_cpu(grad_output.detach().contiguous().numpy(), argmax.numpy(), rois64, rois_by_image,
-                      image_offsets, spatial_scale, sampling_ratio, aligned, quantize, reduction == "max",
+                      image_offsets, spatial_scale, sampling_ratio, aligned, quantize, reduction == "max", chunk,
                       grad_features.numpy())
     return grad_features
 
