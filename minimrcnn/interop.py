@@ -115,7 +115,6 @@ TORCHVISION_DEFAULTS = dict(
     pixel_mean=(0.485, 0.456, 0.406),
     pixel_std=(0.229, 0.224, 0.225),
     size_divisibility=32,
-    frozen_stages=0,
     channels_last=False,
     fpn_channels=256,
     fpn_levels=(2, 3, 4, 5, 6),
@@ -371,6 +370,76 @@ def replace_predictors(model, num_classes: int):
     return new_model.train()
 
 
-__all__ = ["BACKBONES", "TORCHVISION_DEFAULTS", "TORCHVISION_KEYWORDS", "current_torchvision_names",
-           "from_torchvision", "infer_norm", "load_torchvision_state_dict", "read_state_dict",
+# Config fields that describe torchvision's architecture and conventions: fine-tuning takes
+# them from the weights' side and everything else (data sizes, solver, ...) from the run's config.
+_SIZE_FIELDS = ("min_size", "min_size_test", "max_size")
+ARCHITECTURE_FIELDS = tuple(key for key in TORCHVISION_DEFAULTS if key not in _SIZE_FIELDS + ("num_classes",)) \
+    + ("backbone_width", "norm", "norm_eps")
+
+
+def finetune_model(state_dict_or_path, config: Config, num_classes: int):
+    """The torchvision tutorial's fine-tuning start: torchvision weights, new predictors.
+
+    Builds torchvision's architecture (``ARCHITECTURE_FIELDS`` from :func:`torchvision_config`,
+    ResNet depth from ``config.backbone_depth``; every other field, the solver and input
+    sizes included, from ``config``), loads the weights and replaces the class scores, box
+    deltas and mask logits with fresh layers for ``num_classes`` (background included).
+    Returns ``(config of the new model, model in train mode)``.
+    """
+    from minimrcnn.modeling.model import MaskRCNN
+
+    state_dict = current_torchvision_names(read_state_dict(state_dict_or_path))
+    scores = state_dict.get("roi_heads.box_predictor.cls_score.weight")
+    if scores is None:
+        raise ValueError("torchvision weights: no roi_heads.box_predictor.cls_score.weight; "
+                         "not a torchvision Mask R-CNN state dict")
+    norm = infer_norm(state_dict)
+    depth_name = f"resnet{config.backbone_depth}"
+    architecture = torchvision_config(num_classes=scores.shape[0], backbone=depth_name, norm=norm,
+                                      norm_eps=1e-5 if norm == "bn" else 0.0)
+    source_config = dataclasses.replace(
+        config, num_classes=scores.shape[0], backbone_weights=None,
+        **{field: getattr(architecture, field) for field in ARCHITECTURE_FIELDS})
+    model = MaskRCNN(source_config)
+    load_torchvision_state_dict(model, state_dict)
+    model = replace_predictors(model, num_classes)
+    return model.config, model
+
+
+def fit_briefly(model, dataset, steps: int, batch_size: int = 2, lr: float = 0.01, seed: int = 0):
+    """A few plain SGD steps (momentum 0.9) of any detection model whose train-mode call
+    ``model(images, targets)`` returns a dict of losses: torchvision's or this package's.
+
+    Enough to make a freshly built model's outputs non-degenerate (scores that differ,
+    boxes that moved) for comparisons; not a training recipe. Crowd and empty boxes are
+    dropped from the targets. Returns the model in eval mode.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        indices = torch.randperm(len(dataset), generator=generator)[:batch_size].tolist()
+        images, targets = [], []
+        for index in indices:
+            image, target = dataset[index]
+            boxes = target["boxes"]
+            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            if "iscrowd" in target:
+                keep &= target["iscrowd"] == 0
+            images.append(image)
+            targets.append({"boxes": boxes[keep], "labels": target["labels"][keep],
+                            "masks": target["masks"][keep]})
+        losses = model(images, targets)
+        total = sum(losses.values())
+        optimizer.zero_grad()
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 10.0)
+        optimizer.step()
+    return model.eval()
+
+
+__all__ = ["ARCHITECTURE_FIELDS", "BACKBONES", "TORCHVISION_DEFAULTS", "TORCHVISION_KEYWORDS", "current_torchvision_names",
+           "finetune_model", "fit_briefly", "from_torchvision", "infer_norm", "load_torchvision_state_dict", "read_state_dict",
            "replace_predictors", "torchvision_config"]

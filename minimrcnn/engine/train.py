@@ -230,7 +230,7 @@ def train_step(model, batches, optimizer, scaler, autocast, trainable, config: C
 def train(config: Config | None, out_dir, train_images=None, train_annotations=None, val_images=None,
           val_annotations=None, data_root="data/shapes", time_budget_minutes: float | None = None,
           resume: bool = False, device=None, max_iter: int | None = None, evaluate: bool = True,
-          progress: bool = True, log_period: int = LOG_PERIOD) -> dict:
+          progress: bool = True, log_period: int = LOG_PERIOD, init_from_torchvision=None) -> dict:
     """Train a Mask R-CNN; returns the run summary (also written to ``out_dir/metrics.json``).
 
     ``config`` may be None with ``resume``: the checkpoint's config is used. Under a
@@ -238,7 +238,9 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
     budget: the speed of the first iterations sets ``max_iter`` and the schedule
     stretches to it. Writes ``last.pth`` (every ``checkpoint_period`` iterations and at the
     end), ``model_final.pth``, ``metrics.jsonl`` (a line every ``log_period`` iterations),
-    ``loss_curve.png`` and ``metrics.json``.
+    ``loss_curve.png`` and ``metrics.json``. ``init_from_torchvision``: a torchvision Mask
+    R-CNN state dict file to start from, its predictors replaced for the dataset's classes
+    (see ``minimrcnn.interop.finetune_model``; ignored when resuming).
     """
     call_start = time.perf_counter()
     device = resolve_device(device)
@@ -281,6 +283,12 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
     np.random.seed(config.seed % 2**32)
     random.seed(config.seed)
     model = ckpt.build_model(config).to(device)
+    if init_from_torchvision is not None and saved is None:
+        # torchvision's weights with new predictors for this dataset's classes (interop.py).
+        from minimrcnn.interop import finetune_model
+
+        config, model = finetune_model(init_from_torchvision, config, train_dataset.num_classes)
+        model = model.to(device)
     optimizer = build_optimizer(model, config)
     scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" and device.type == "cuda" else None
 
@@ -443,6 +451,7 @@ def train_from_args(args) -> dict:
                      train_annotations=args.train_annotations, val_images=args.val_images,
                      val_annotations=args.val_annotations, data_root=args.data,
                      time_budget_minutes=args.time_budget, resume=args.resume, device=args.device,
-                     max_iter=args.max_iter, evaluate=not args.no_eval)
+                     max_iter=args.max_iter, evaluate=not args.no_eval,
+                     init_from_torchvision=getattr(args, "init_from_torchvision", None))
     finally:
         distrib.cleanup_distributed()

@@ -150,7 +150,7 @@ def format_ap_table(metrics: dict) -> str:
 def evaluate_from_args(args) -> dict:
     """``python -m minimrcnn evaluate --checkpoint C --images DIR --annotations FILE [--out DIR]``."""
     from minimrcnn.data import CocoInstances
-    from minimrcnn.engine.checkpoint import load_model
+    from minimrcnn.engine.checkpoint import load_checkpoint, load_model
     from minimrcnn.engine.train import resolve_device
     from minimrcnn.evaluation.inference import predict_dataset
 
@@ -158,8 +158,12 @@ def evaluate_from_args(args) -> dict:
     model, _ = load_model(args.checkpoint, device)
     dataset = CocoInstances(args.images, args.annotations)
     predictions = predict_dataset(model, dataset, device, progress=True)
+    # The model's own label -> category id table when its checkpoint has one (a converted
+    # torchvision COCO model's labels are the category ids themselves), else the dataset's.
+    category_ids = load_checkpoint(args.checkpoint).get("extra", {}).get("category_ids") \
+        or getattr(dataset, "category_ids", None)
     results = predictions_to_coco_results([p for _, p in predictions], [i for i, _ in predictions],
-                                          getattr(dataset, "category_ids", None))
+                                          category_ids)
     metrics = evaluate_coco(args.annotations, results)
     print(format_ap_table(metrics))
     if args.out:

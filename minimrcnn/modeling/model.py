@@ -27,6 +27,7 @@ from minimrcnn.ops.boxes import clip_boxes
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box", "loss_classifier", "loss_box", "loss_mask")
 MASK_DTYPES = (torch.uint8, torch.bool)
+MASK_PASTES = ("detectron2", "torchvision")
 
 
 def validate_images(images) -> None:
@@ -117,6 +118,8 @@ class MaskRCNN(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        if config.mask_paste not in MASK_PASTES:
+            raise ValueError(f"mask_paste: expected one of {MASK_PASTES}, got {config.mask_paste!r}")
         self.config = config
         self.backbone = build_backbone(config)
         self.fpn = build_fpn(config, self.backbone.out_channels)
