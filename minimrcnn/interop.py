@@ -169,8 +169,10 @@ def torchvision_config(*, num_classes: int = 91, backbone: str = "resnet50", min
     if backbone not in BACKBONES:
         raise ValueError(f"backbone: expected one of {sorted(BACKBONES)}, got {backbone!r}")
     fields = {field.name for field in dataclasses.fields(Config)}
+    # frozen_stages=0: a frozen stage swaps its BatchNorm2d for FrozenBatchNorm2d, whose
+    # arithmetic differs from BatchNorm2d's eval kernel in the last float bits.
     values = dict(TORCHVISION_DEFAULTS, num_classes=num_classes, backbone_depth=BACKBONES[backbone],
-                  backbone_width=64, norm=norm, norm_eps=norm_eps, backbone_weights=None)
+                  backbone_width=64, norm=norm, norm_eps=norm_eps, backbone_weights=None, frozen_stages=0)
     min_sizes = tuple(min_size) if isinstance(min_size, (tuple, list)) else (int(min_size),)
     # torchvision trains on a random one of min_size and tests on the last.
     values.update(min_size=min_sizes, min_size_test=min_sizes[-1], max_size=int(max_size))
