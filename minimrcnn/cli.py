@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pth")
     train.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     train.add_argument("--no-eval", action="store_true", help="skip COCO evaluation at the end")
+    train.add_argument("--init-from-torchvision", metavar="FILE", default=None,
+                       help="start from a torchvision Mask R-CNN state dict, predictors replaced "
+                            "for the dataset's classes (its architecture and conventions; the rest from --config)")
 
     evaluate = commands.add_parser("evaluate", help="COCO-evaluate a checkpoint")
     evaluate.add_argument("--checkpoint", required=True)

@@ -106,6 +106,20 @@ class Config:
     detections_per_image: int = 100
     mask_thresh: float = 0.5
 
+    # ---- torchvision compatibility (minimrcnn/interop.py documents every switch in one table;
+    # ---- the defaults are this package's Detectron2 conventions, the comments name torchvision's) ----
+    resize_rule: str = "round"  # "round": side * scale rounded; "torchvision": floored (scale_factor), boxes back by float32 ratios
+    anchor_offset: float = 0.5  # anchor centres at (index + offset) * stride; torchvision 0.0
+    anchor_rounding: bool = False  # torchvision True: integer cell anchors, stride = padded size // grid size
+    norm_eps: float = 1e-5  # BatchNorm eps; torchvision's pretrained FrozenBatchNorm2d uses 0.0
+    box_min_size: float = 0.0  # detections need w, h above this; torchvision 1e-2
+    # "torchvision": size filters keep w, h >= min (remove_small_boxes), NMS with its batched_nms
+    # arithmetic per image, proposals ranked by sigmoid probability instead of logit
+    box_filtering: str = "detectron2"
+    roi_aligned: bool = True  # RoIAlign half-pixel offset (Detectron2); torchvision False
+    roi_level_mapper: str = "detectron2"  # "torchvision": floor(k0 + log2(sqrt(area) / s0) + 1e-6)
+    mask_paste: str = "detectron2"  # "torchvision": padded mask, expanded integer box, resized bilinearly
+
     # ---- solver ----
     batch_size: int = 16  # images per iteration, summed over all processes
     base_lr: float = 0.02

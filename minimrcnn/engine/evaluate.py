@@ -137,8 +137,12 @@ def evaluate_from_args(args) -> dict:
     dataset.check_image_files()
     check_checkpoint_categories(args.checkpoint, dataset)
     predictions = predict_dataset(model, dataset, device, progress=True)
+    # The model's own label -> category id table when its checkpoint has one (a converted
+    # torchvision COCO model's labels are the category ids themselves), else the dataset's.
+    category_ids = ckpt.load_checkpoint(args.checkpoint).get("extra", {}).get("category_ids") \
+        or getattr(dataset, "category_ids", None)
     results = predictions_to_coco_results([p for _, p in predictions], [i for i, _ in predictions],
-                                          getattr(dataset, "category_ids", None))
+                                          category_ids)
     metrics = evaluate_coco(args.annotations, results)
     print(format_ap_table(metrics))
     per_class_report(args.annotations, results, metrics, _names_of(dataset), args.out)

@@ -256,7 +256,7 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
           val_annotations=None, data_root="data/shapes", time_budget_minutes: float | None = None,
           resume: bool = False, device=None, max_iter: int | None = None, evaluate: bool = True,
           progress: bool = True, log_period: int = LOG_PERIOD,
-          num_classes_fixed_by: str | None = None) -> dict:
+          num_classes_fixed_by: str | None = None, init_from_torchvision=None) -> dict:
     """Train a Mask R-CNN; returns the run summary (also written to ``out_dir/metrics.json``).
 
     ``config`` may be None with ``resume``: the checkpoint's config is used. Under a
@@ -270,6 +270,9 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
     ``num_classes`` comes from the training set's categories: a config that differs adapts
     (one printed line), unless ``num_classes_fixed_by`` names the user's config file that sets
     the field, which makes a mismatch an error naming that file. Train and val must list the same categories.
+
+    ``init_from_torchvision``: a torchvision Mask R-CNN state dict file to start from, its predictors replaced for the dataset's classes
+    (see ``minimrcnn.interop.finetune_model``; ignored when resuming).
     """
     call_start = time.perf_counter()
     device = resolve_device(device)
@@ -325,6 +328,12 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
     np.random.seed(config.seed % 2**32)
     random.seed(config.seed)
     model = ckpt.build_model(config).to(device)
+    if init_from_torchvision is not None and saved is None:
+        # torchvision's weights with new predictors for this dataset's classes (interop.py).
+        from minimrcnn.interop import finetune_model
+
+        config, model = finetune_model(init_from_torchvision, config, train_dataset.num_classes)
+        model = model.to(device)
     optimizer = build_optimizer(model, config)
     scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" and device.type == "cuda" else None
 
@@ -466,7 +475,8 @@ def train_from_args(args) -> dict:
                      val_annotations=args.val_annotations, data_root=args.data,
                      time_budget_minutes=args.time_budget, resume=args.resume, device=args.device,
                      max_iter=args.max_iter, evaluate=not args.no_eval,
-                     num_classes_fixed_by=num_classes_fixed_by)
+                     num_classes_fixed_by=num_classes_fixed_by,
+                     init_from_torchvision=getattr(args, "init_from_torchvision", None))
     finally:
         distrib.cleanup_distributed()
 

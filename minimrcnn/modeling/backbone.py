@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minimrcnn.modeling.norm import NORM_KINDS, freeze_batchnorm, make_norm
+from minimrcnn.modeling.norm import BATCHNORM_EPS, NORM_KINDS, FrozenBatchNorm2d, freeze_batchnorm, make_norm
 
 # Blocks per stage (layer1..layer4) for each supported depth.
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -267,16 +267,30 @@ def load_backbone_weights(model: ResNet, path: str | Path) -> ResNet:
 
 
 def build_backbone(config) -> ResNet:
-    """The ResNet of ``config`` (backbone_depth, backbone_width, norm, frozen_stages, backbone_weights)."""
+    """The ResNet of ``config`` (backbone_depth, backbone_width, norm, norm_eps, frozen_stages,
+    backbone_weights)."""
     model = ResNet(
         depth=config.backbone_depth,
         width=config.backbone_width,
         norm=config.norm,
         frozen_stages=config.frozen_stages,
     )
+    if config.norm_eps != BATCHNORM_EPS:
+        set_batchnorm_eps(model, config.norm_eps)
     if config.backbone_weights:
         load_backbone_weights(model, config.backbone_weights)
     return model
 
 
-__all__ = ["BasicBlock", "Bottleneck", "ResNet", "build_backbone", "load_backbone_weights"]
+def set_batchnorm_eps(model: nn.Module, eps: float) -> None:
+    """Give every BatchNorm (trainable or frozen) inside ``model`` the epsilon ``eps``.
+
+    torchvision sets 0.0 on the FrozenBatchNorm2d layers of its pretrained detectors;
+    reproducing their outputs needs the same value.
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+            module.eps = float(eps)
+
+
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "build_backbone", "load_backbone_weights", "set_batchnorm_eps"]

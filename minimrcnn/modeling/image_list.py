@@ -34,12 +34,26 @@ class ImageBatch:
     scales: list[tuple[float, float]]
 
 
+def resized_size_torchvision(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """torchvision's rule: one factor ``min(min_size / short, max_size / long)``, sides floored.
+
+    ``interpolate(scale_factor=s, recompute_scale_factor=True)`` makes each side
+    ``floor(side * s)`` (in double precision), where :func:`~minimrcnn.data.transforms.resized_shape` rounds.
+    """
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return int(math.floor(height * scale)), int(math.floor(width * scale))
+
+
+RESIZE_RULES = {"round": resized_shape, "torchvision": resized_size_torchvision}
+
+
 def normalize_and_resize(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                         min_size: int, max_size: int) -> tuple[torch.Tensor, tuple[float, float]]:
+                         min_size: int, max_size: int,
+                         resize_rule: str = "round") -> tuple[torch.Tensor, tuple[float, float]]:
     """image: [3, H, W] in [0, 1] -> ([3, H', W'] normalized, (sx, sy) = (W'/W, H'/H))."""
     height, width = image.shape[-2:]
     image = (image - mean) / std
-    new_height, new_width = resized_shape(height, width, min_size, max_size)
+    new_height, new_width = RESIZE_RULES[resize_rule](height, width, min_size, max_size)
     if (new_height, new_width) != (height, width):
         image = F.interpolate(image[None], size=(new_height, new_width), mode="bilinear",
                               align_corners=False)[0]
@@ -62,13 +76,18 @@ def pad_batch(images: list[torch.Tensor], size_divisibility: int) -> torch.Tenso
 
 
 def batch_images(images: list[torch.Tensor], mean, std, min_size: int, max_size: int,
-                 size_divisibility: int) -> ImageBatch:
-    """Normalize, resize and pad a list of [3, H, W] images into one ImageBatch."""
+                 size_divisibility: int, resize_rule: str = "round") -> ImageBatch:
+    """Normalize, resize and pad a list of [3, H, W] images into one ImageBatch.
+
+    ``resize_rule``: "round" (:func:`~minimrcnn.data.transforms.resized_shape`) or "torchvision" (:func:`resized_size_torchvision`).
+    """
+    if resize_rule not in RESIZE_RULES:
+        raise ValueError(f"resize_rule: expected one of {sorted(RESIZE_RULES)}, got {resize_rule!r}")
     mean = torch.as_tensor(mean, dtype=images[0].dtype, device=images[0].device)[:, None, None]
     std = torch.as_tensor(std, dtype=images[0].dtype, device=images[0].device)[:, None, None]
     resized, scales = [], []
     for image in images:
-        image, scale = normalize_and_resize(image, mean, std, min_size, max_size)
+        image, scale = normalize_and_resize(image, mean, std, min_size, max_size, resize_rule)
         resized.append(image)
         scales.append(scale)
     return ImageBatch(
@@ -78,4 +97,5 @@ def batch_images(images: list[torch.Tensor], mean, std, min_size: int, max_size:
     )
 
 
-__all__ = ["ImageBatch", "batch_images", "normalize_and_resize", "pad_batch"]
+__all__ = ["ImageBatch", "RESIZE_RULES", "batch_images", "normalize_and_resize", "pad_batch",
+           "resized_size_torchvision"]

@@ -157,8 +157,46 @@ def paste_masks_in_image(
     return pasted
 
 
+def paste_mask_probs_torchvision(mask_probs: torch.Tensor, boxes: torch.Tensor,
+                                 image_size: tuple[int, int], padding: int = 1) -> torch.Tensor:
+    """torchvision's paste (``mask_paste="torchvision"``): full-image probabilities [D, H, W].
+
+    mask_probs: [D, M, M]; boxes: [D, 4] in the image's pixels. Each mask gets a border of
+    ``padding`` zero cells, its box grows about its centre by (M + 2 padding) / M so the
+    border falls outside the box, the box corners are truncated to int64, and the padded
+    mask is resized bilinearly (align_corners=False) to the inclusive pixel box
+    ``(x2 - x1 + 1) x (y2 - y1 + 1)`` and copied in, clipped to the image. Unlike
+    :func:`paste_masks_in_image` the mask is stretched over whole pixels, so it can sit
+    up to a pixel off the box.
+    """
+    height, width = int(image_size[0]), int(image_size[1])
+    num_masks = mask_probs.shape[0]
+    pasted = mask_probs.new_zeros((num_masks, height, width))
+    if num_masks == 0:
+        return pasted
+    resolution = mask_probs.shape[-1]
+    scale = float(resolution + 2 * padding) / resolution
+    padded = F.pad(mask_probs[:, None], (padding,) * 4)  # (D, 1, M + 2p, M + 2p)
+    half_w = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
+    half_h = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
+    centre_x = (boxes[:, 2] + boxes[:, 0]) * 0.5
+    centre_y = (boxes[:, 3] + boxes[:, 1]) * 0.5
+    expanded = torch.stack((centre_x - half_w, centre_y - half_h, centre_x + half_w, centre_y + half_h),
+                           dim=1).to(torch.int64)  # truncation toward zero, as .to(int64) does
+    for index, (x0, y0, x1, y1) in enumerate(expanded.tolist()):
+        box_w, box_h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
+        resized = F.interpolate(padded[index:index + 1], size=(box_h, box_w), mode="bilinear",
+                                align_corners=False)[0, 0]
+        left, right = max(x0, 0), min(x1 + 1, width)
+        top, bottom = max(y0, 0), min(y1 + 1, height)
+        if right > left and bottom > top:
+            pasted[index, top:bottom, left:right] = resized[top - y0:bottom - y0, left - x0:right - x0]
+    return pasted
+
+
 __all__ = [
     "MASK_TARGET_THRESHOLD",
     "mask_targets_for_image",
+    "paste_mask_probs_torchvision",
     "paste_masks_in_image",
 ]

@@ -27,7 +27,7 @@ from minimrcnn.modeling.backbone import build_backbone
 from minimrcnn.modeling.batched import pad_ground_truth
 from minimrcnn.modeling.fpn import build_fpn
 from minimrcnn.modeling.image_list import batch_images
-from minimrcnn.modeling.masks import paste_masks_in_image
+from minimrcnn.modeling.masks import paste_mask_probs_torchvision, paste_masks_in_image
 from minimrcnn.modeling.panoptic import fuse
 from minimrcnn.modeling.roi_heads import build_roi_heads
 from minimrcnn.modeling.rpn import build_rpn
@@ -37,6 +37,7 @@ from minimrcnn.ops.boxes import clip_boxes
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box", "loss_classifier", "loss_box", "loss_mask")
 SEMANTIC_LOSS_NAME = "loss_semantic"  # the sixth loss, only with config.semantic_head
 MASK_DTYPES = (torch.uint8, torch.bool)
+MASK_PASTES = ("detectron2", "torchvision")
 
 
 def validate_images(images) -> None:
@@ -165,6 +166,8 @@ class MaskRCNN(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        if config.mask_paste not in MASK_PASTES:
+            raise ValueError(f"mask_paste: expected one of {MASK_PASTES}, got {config.mask_paste!r}")
         self.config = config
         self.backbone = build_backbone(config)
         self.fpn = build_fpn(config, self.backbone.out_channels)
@@ -187,7 +190,7 @@ class MaskRCNN(nn.Module):
         else:
             min_size = config.min_size_test
         batch = batch_images(images, config.pixel_mean, config.pixel_std, min_size,
-                             config.max_size, config.size_divisibility)
+                             config.max_size, config.size_divisibility, config.resize_rule)
         if config.channels_last:
             batch.tensor = batch.tensor.contiguous(memory_format=torch.channels_last)
         return batch
@@ -219,6 +222,9 @@ class MaskRCNN(nn.Module):
         proposals, _ = self.rpn(features, batch.image_sizes, None)
         detections, _ = self.roi_heads(features, proposals, batch.image_sizes)
         original_sizes = [tuple(image.shape[-2:]) for image in images]
+        if self.config.resize_rule == "torchvision" or self.config.mask_paste == "torchvision":
+            for detection, scale, image_size in zip(detections, batch.scales, batch.image_sizes):
+                detection["scale"], detection["image_size"] = scale, image_size
         results = [
             self.to_original_image(detection, scale, size)
             for detection, scale, size in zip(detections, batch.scales, original_sizes)
@@ -257,6 +263,8 @@ class MaskRCNN(nn.Module):
     def to_original_image(self, detection: dict, scale: tuple[float, float],
                           original_size: tuple[int, int]) -> dict:
         """Boxes back to original pixels; masks pasted into the original image."""
+        if self.config.resize_rule == "torchvision" or self.config.mask_paste == "torchvision":
+            return to_original_image_torchvision(detection, original_size, self.config)
         scale_x, scale_y = scale
         boxes = detection["boxes"] / detection["boxes"].new_tensor([scale_x, scale_y, scale_x, scale_y])
         boxes = clip_boxes(boxes, original_size).to(torch.float32)
@@ -280,6 +288,38 @@ class MaskRCNN(nn.Module):
             self.train(was_training)
 
 
+def to_original_image_torchvision(detection: dict, original_size: tuple[int, int], config) -> dict:
+    """:meth:`MaskRCNN.to_original_image` with torchvision's conventions where the config asks.
+
+    ``resize_rule="torchvision"``: boxes scaled per axis by float32 ratios original / resized
+    size (read back from ``detection["image_size"]``), not clipped again;
+    ``mask_paste="torchvision"``: :func:`paste_mask_probs_torchvision`, then ``>= mask_thresh``.
+    """
+    boxes = detection["boxes"]
+    if config.resize_rule == "torchvision":
+        resized_height, resized_width = detection["image_size"]
+        ratio_height = torch.tensor(original_size[0], dtype=torch.float32) / torch.tensor(
+            resized_height, dtype=torch.float32)
+        ratio_width = torch.tensor(original_size[1], dtype=torch.float32) / torch.tensor(
+            resized_width, dtype=torch.float32)
+        ratios = torch.stack((ratio_width, ratio_height, ratio_width, ratio_height)).to(boxes.device)
+        boxes = boxes * ratios
+    else:
+        scale_x, scale_y = detection["scale"]
+        boxes = clip_boxes(boxes / boxes.new_tensor([scale_x, scale_y, scale_x, scale_y]), original_size)
+    boxes = boxes.to(torch.float32)
+    if config.mask_paste == "torchvision":
+        masks = paste_mask_probs_torchvision(detection["mask_probs"], boxes, original_size) >= config.mask_thresh
+    else:
+        masks = paste_masks_in_image(detection["mask_probs"], boxes, original_size, config.mask_thresh)
+    return {
+        "boxes": boxes,
+        "labels": detection["labels"].to(torch.int64),
+        "scores": detection["scores"].to(torch.float32),
+        "masks": masks,
+    }
+
+
 def check_losses_finite(losses: dict[str, torch.Tensor]) -> None:
     """Raise FloatingPointError naming every loss that is NaN or infinite.
 
@@ -297,5 +337,6 @@ def check_losses_finite(losses: dict[str, torch.Tensor]) -> None:
                                  "enable grad_clip, or check the targets")
 
 
-__all__ = ["LOSS_NAMES", "SEMANTIC_LOSS_NAME", "MaskRCNN", "check_losses_finite", "training_targets",
-           "validate_images", "validate_semantic_targets", "validate_targets"]
+__all__ = ["LOSS_NAMES", "SEMANTIC_LOSS_NAME", "MaskRCNN", "check_losses_finite",
+           "to_original_image_torchvision", "training_targets", "validate_images",
+           "validate_semantic_targets", "validate_targets"]

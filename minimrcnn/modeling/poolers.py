@@ -34,6 +34,7 @@ LEVEL_EPS = 1e-8
 ROI_OPS = ("align", "pool", "warp", "warp_max", "align_max")
 # The bilinear ablations of Table 2c: roi_op -> (quantize the corners as RoIPool?, reduction over samples).
 WARP_OPS = {"warp": (True, "avg"), "warp_max": (True, "max"), "align_max": (False, "max")}
+TORCHVISION_LEVEL_EPS = 1e-6  # torchvision's LevelMapper adds it to the level itself
 
 
 def assign_boxes_to_levels(
@@ -52,6 +53,29 @@ def assign_boxes_to_levels(
     sizes = torch.sqrt(widths * heights)
     levels = torch.floor(canonical_level + torch.log2(sizes / canonical_size + LEVEL_EPS))
     return levels.clamp(min=min_level, max=max_level).to(torch.int64)
+
+
+def assign_boxes_to_levels_torchvision(
+    boxes: torch.Tensor,
+    min_level: int,
+    max_level: int,
+    canonical_level: int = 4,
+    canonical_size: float = 224.0,
+) -> torch.Tensor:
+    """torchvision's level mapper: ``floor(k0 + log2(sqrt(area) / s0) + 1e-6)``, clamped.
+
+    Differs from :func:`assign_boxes_to_levels` in where the epsilon sits (added to the
+    level, not inside the log): boxes within about 1e-6 of a level boundary can land one
+    level apart. No clamp of negative sizes (torchvision's boxes are never empty here).
+    boxes: [R, 4] -> [R] int64.
+    """
+    sizes = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    levels = torch.floor(canonical_level + torch.log2(sizes / canonical_size)
+                         + torch.tensor(TORCHVISION_LEVEL_EPS, dtype=sizes.dtype))
+    return levels.clamp(min=min_level, max=max_level).to(torch.int64)
+
+
+LEVEL_MAPPERS = {"detectron2": assign_boxes_to_levels, "torchvision": assign_boxes_to_levels_torchvision}
 
 
 def usable_levels(feature_levels: tuple[int, ...]) -> tuple[int, ...]:
@@ -74,6 +98,8 @@ class MultiScaleRoIPooler(nn.Module):
         roi_op: "align" (bilinear, no quantization: Mask R-CNN), "pool" (RoIPool), or one of
             WARP_OPS: "warp" (quantized corners, bilinear average), "warp_max", "align_max".
         sampling_ratio: RoIAlign samples per bin side; <= 0 means ceil(roi_size / S).
+        aligned: RoIAlign's half-pixel offset (True: Detectron2; False: torchvision's detectors).
+        level_mapper: "detectron2" (:func:`assign_boxes_to_levels`) or "torchvision".
     """
 
     def __init__(
@@ -84,10 +110,16 @@ class MultiScaleRoIPooler(nn.Module):
         sampling_ratio: int = 0,
         canonical_level: int = 4,
         canonical_size: float = 224.0,
+        aligned: bool = True,
+        level_mapper: str = "detectron2",
     ):
         super().__init__()
         if roi_op not in ROI_OPS:
             raise ValueError(f"roi_op must be one of {ROI_OPS}, got {roi_op!r}")
+        if level_mapper not in LEVEL_MAPPERS:
+            raise ValueError(f"roi_level_mapper must be one of {sorted(LEVEL_MAPPERS)}, got {level_mapper!r}")
+        self.aligned = bool(aligned)
+        self.level_mapper = level_mapper
         self.output_size = int(output_size)
         self.feature_levels = tuple(int(level) for level in feature_levels)
         self.roi_levels = usable_levels(self.feature_levels)
@@ -98,7 +130,7 @@ class MultiScaleRoIPooler(nn.Module):
 
     def assign_levels(self, boxes: torch.Tensor) -> torch.Tensor:
         """[R, 4] boxes -> [R] level numbers, clamped to ``self.roi_levels`` (consecutive, as FPN's)."""
-        return assign_boxes_to_levels(
+        return LEVEL_MAPPERS[self.level_mapper](
             boxes, min(self.roi_levels), max(self.roi_levels),
             self.canonical_level, self.canonical_size,
         )
@@ -113,7 +145,7 @@ class MultiScaleRoIPooler(nn.Module):
         if self.roi_op == "align":
             return roi_align(
                 features, rois, self.output_size, spatial_scale=scale,
-                sampling_ratio=self.sampling_ratio, aligned=True,
+                sampling_ratio=self.sampling_ratio, aligned=self.aligned,
             )
         if self.roi_op in WARP_OPS:
             quantize, reduction = WARP_OPS[self.roi_op]
@@ -174,6 +206,8 @@ def build_pooler(config, output_size: int, feature_levels: tuple[int, ...] | Non
         sampling_ratio=config.roi_sampling_ratio,
         canonical_level=config.roi_canonical_level,
         canonical_size=config.roi_canonical_size,
+        aligned=config.roi_aligned,
+        level_mapper=config.roi_level_mapper,
     )
 
 
@@ -181,6 +215,7 @@ __all__ = [
     "MultiScaleRoIPooler",
     "ROI_LEVELS",
     "assign_boxes_to_levels",
+    "assign_boxes_to_levels_torchvision",
     "build_pooler",
     "usable_levels",
 ]

@@ -30,6 +30,7 @@ from minimrcnn.modeling.matcher import Matcher
 from minimrcnn.modeling.poolers import build_pooler
 from minimrcnn.modeling.sampling import subsample_labels
 from minimrcnn.ops.boxes import BoxCoder, batched_nms, box_iou
+from minimrcnn.ops.nms_torchvision import batched_nms_torchvision
 
 BACKGROUND = 0
 
@@ -65,6 +66,8 @@ class RoIHeads(nn.Module):
         self.score_thresh = config.score_thresh
         self.nms_thresh = config.nms_thresh
         self.detections_per_image = config.detections_per_image
+        self.box_min_size = config.box_min_size
+        self.box_filtering = config.box_filtering
 
     # ---- training ----
 
@@ -193,9 +196,11 @@ class RoIHeads(nn.Module):
             boxes[..., 2].clamp(min=0).minimum(sizes[:, 1:2]),
             boxes[..., 3].clamp(min=0).minimum(sizes[:, 0:1]),
         ], dim=2)
+        if self.box_filtering == "torchvision":
+            return self.select_detections_torchvision(boxes, scores, image_index, len(proposals))
         # One candidate per (RoI, class) above the score threshold, with a non-empty box.
         widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
-        keep = (scores > self.score_thresh) & (widths > 0) & (heights > 0)
+        keep = (scores > self.score_thresh) & (widths > self.box_min_size) & (heights > self.box_min_size)
         roi_index, class_index = torch.nonzero(keep, as_tuple=True)
         boxes, scores = boxes[roi_index, class_index], scores[roi_index, class_index]
         labels, image_index = class_index + 1, image_index[roi_index]
@@ -205,6 +210,30 @@ class RoIHeads(nn.Module):
         for index in range(len(proposals)):
             mine = kept[image_index[kept] == index][: self.detections_per_image]
             detections.append({"boxes": boxes[mine], "scores": scores[mine], "labels": labels[mine]})
+        return detections
+
+    def select_detections_torchvision(self, boxes, scores, image_index, num_images: int) -> list[dict]:
+        """torchvision's selection (``box_filtering="torchvision"``), image by image.
+
+        boxes: [R, K, 4] clipped; scores: [R, K]; image_index: [R]. Candidates in (RoI, class)
+        order with score > score_thresh and w, h >= box_min_size; its batched_nms per class;
+        the first ``detections_per_image``.
+        """
+        labels = torch.arange(1, self.num_classes, device=boxes.device).expand_as(scores)  # (R, K)
+        detections = []
+        for index in range(num_images):
+            mine = image_index == index
+            image_boxes, image_scores = boxes[mine].reshape(-1, 4), scores[mine].reshape(-1)
+            image_labels = labels[mine].reshape(-1)
+            widths = image_boxes[:, 2] - image_boxes[:, 0]
+            heights = image_boxes[:, 3] - image_boxes[:, 1]
+            keep = torch.where((image_scores > self.score_thresh) & (widths >= self.box_min_size)
+                               & (heights >= self.box_min_size))[0]
+            image_boxes, image_scores, image_labels = image_boxes[keep], image_scores[keep], image_labels[keep]
+            kept = batched_nms_torchvision(image_boxes, image_scores, image_labels,
+                                           self.nms_thresh)[: self.detections_per_image]
+            detections.append({"boxes": image_boxes[kept], "scores": image_scores[kept],
+                               "labels": image_labels[kept]})
         return detections
 
     def detect_masks(self, features, detections: list[dict]) -> None:

@@ -26,10 +26,12 @@ from minimrcnn.modeling.fpn import feature_levels_of
 from minimrcnn.modeling.matcher import IGNORE, NEGATIVE, POSITIVE, Matcher
 from minimrcnn.modeling.sampling import subsample_labels
 from minimrcnn.ops.boxes import BOX_LOSSES, BoxCoder, batched_nms, box_iou, clip_boxes
+from minimrcnn.ops.nms_torchvision import batched_nms_torchvision
 
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # RPN deltas are not rescaled (the box head uses 10, 10, 5, 5)
 HEAD_INIT_STD = 0.01
 SMOOTH_L1_BETA = 1.0 / 9  # torchvision's RPN value; at beta -> 0 smooth-L1 becomes L1
+BOX_FILTERINGS = ("detectron2", "torchvision")
 
 
 class RPNHead(nn.Module):
@@ -218,6 +220,52 @@ def find_top_proposals_per_image(
     return proposals, proposal_logits
 
 
+@torch.no_grad()
+def find_top_proposals_torchvision(
+    anchors_per_level: list[torch.Tensor],
+    objectness_per_level: list[torch.Tensor],
+    deltas_per_level: list[torch.Tensor],
+    image_sizes: list[tuple[int, int]],
+    box_coder: BoxCoder,
+    pre_nms_topk: int,
+    post_nms_topk: int,
+    nms_thresh: float,
+    min_box_size: float = 1e-3,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """:func:`find_top_proposals_per_image` as torchvision's RPN does it (``box_filtering="torchvision"``).
+
+    Same inputs and outputs. Differences: the candidates are ranked by their sigmoid
+    probabilities (ties where float32 saturates are broken by position, as
+    torchvision's stable sort does), boxes are kept when width and height are
+    ``>= min_box_size`` (``remove_small_boxes``), and NMS is
+    :func:`~minimrcnn.ops.nms_torchvision.batched_nms_torchvision` with the level as class.
+    """
+    num_images = len(image_sizes)
+    top_boxes, top_logits, top_levels = [], [], []
+    for level, (anchors, logits, deltas) in enumerate(zip(anchors_per_level, objectness_per_level,
+                                                           deltas_per_level)):
+        num_candidates = min(pre_nms_topk, logits.shape[1])
+        level_logits, top_index = logits.topk(num_candidates, dim=1)  # [N, k], [N, k]
+        image_index = torch.arange(num_images, device=logits.device)[:, None]  # [N, 1]
+        boxes = box_coder.decode(deltas[image_index, top_index].reshape(-1, 4),
+                                 anchors[top_index].reshape(-1, 4))
+        top_boxes.append(boxes.reshape(num_images, num_candidates, 4))
+        top_logits.append(level_logits)
+        top_levels.append(torch.full_like(top_index, level))
+    proposals, proposal_logits = [], []
+    per_image = zip(torch.cat(top_boxes, dim=1), torch.cat(top_logits, dim=1),
+                    torch.cat(top_levels, dim=1), image_sizes)
+    for boxes, logits, levels, image_size in per_image:
+        boxes = clip_boxes(boxes, image_size)
+        widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        large_enough = (widths >= min_box_size) & (heights >= min_box_size)
+        boxes, logits, levels = boxes[large_enough], logits[large_enough], levels[large_enough]
+        keep = batched_nms_torchvision(boxes, torch.sigmoid(logits), levels, nms_thresh)[:post_nms_topk]
+        proposals.append(boxes[keep])
+        proposal_logits.append(logits[keep])
+    return proposals, proposal_logits
+
+
 # ---------------------------------------------------------------- the module
 
 
@@ -245,6 +293,9 @@ class RPN(nn.Module):
         nms_thresh: float = 0.7,
         min_box_size: float = 0.0,
         box_loss: str = "l1",
+        anchor_offset: float = 0.5,
+        anchor_rounding: bool = False,
+        box_filtering: str = "detectron2",
     ):
         super().__init__()
         if len(anchor_sizes) != len(strides):
@@ -258,7 +309,10 @@ class RPN(nn.Module):
             raise ValueError(
                 f"rpn_bg_iou_thresh ({bg_iou_thresh}) must not exceed rpn_fg_iou_thresh ({fg_iou_thresh})"
             )
-        self.anchor_generator = AnchorGenerator(anchor_sizes, aspect_ratios, strides)
+        if box_filtering not in BOX_FILTERINGS:
+            raise ValueError(f"box_filtering: unknown {box_filtering!r}; expected one of {BOX_FILTERINGS}")
+        self.anchor_generator = AnchorGenerator(anchor_sizes, aspect_ratios, strides, offset=anchor_offset,
+                                                rounded=anchor_rounding)
         self.head = RPNHead(in_channels, self.anchor_generator.num_anchors_per_cell)
         # Anchors >= fg are objects, < bg background; every object's best anchors count too.
         self.matcher = Matcher(
@@ -272,12 +326,19 @@ class RPN(nn.Module):
         self.nms_thresh = nms_thresh
         self.min_box_size = min_box_size
         self.box_loss = box_loss
+        self.box_filtering = box_filtering
 
     def predict_proposals(self, anchors_per_level, objectness_per_level, deltas_per_level, image_sizes):
         """Proposals and their logits per image, with the train or test top-k of the current mode."""
         mode = 0 if self.training else 1
-        # Training uses the batched twin (same proposals, no per-image selections: fewer syncs).
-        find = batched.find_top_proposals_batched if self.training else find_top_proposals_per_image
+        # torchvision's ranking, size filter and NMS arithmetic (its compatibility mode); otherwise
+        # training uses the batched twin (same proposals, no per-image selections: fewer syncs).
+        if self.box_filtering == "torchvision":
+            find = find_top_proposals_torchvision
+        elif self.training:
+            find = batched.find_top_proposals_batched
+        else:
+            find = find_top_proposals_per_image
         # Decode in float32: under bf16 autocast a box corner near 800 px would round by ~4 px.
         return find(
             anchors_per_level,
@@ -366,6 +427,9 @@ def _build_rpn(config, in_channels: int, anchor_sizes, levels) -> RPN:
         nms_thresh=config.rpn_nms_thresh,
         min_box_size=config.rpn_min_box_size,
         box_loss=config.rpn_box_loss,
+        anchor_offset=config.anchor_offset,
+        anchor_rounding=config.anchor_rounding,
+        box_filtering=config.box_filtering,
     )
 
 
@@ -375,6 +439,7 @@ __all__ = [
     "assign_targets_to_anchors",
     "build_rpn",
     "find_top_proposals_per_image",
+    "find_top_proposals_torchvision",
     "flatten_deltas",
     "flatten_objectness",
     "rpn_losses",
