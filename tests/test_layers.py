@@ -16,9 +16,11 @@ ALLOWED = {
     "data": {"external": {"__future__", "contextlib", "io", "json", "numbers", "warnings", "pathlib",
                           "math", "multiprocessing", "concurrent", "os", "shutil", "dataclasses", "typing", "time",
                           "numpy", "torch", "PIL", "pycocotools"},
-             "internal": {"minimrcnn.data"}},
-    "evaluation": {"external": {"__future__", "contextlib", "copy", "io", "json", "pathlib", "dataclasses",
-                                "typing", "math", "numpy", "pycocotools"},
+             # the COCO panoptic format (segment-id codec, PNG I/O) is written once, in evaluation
+             "internal": {"minimrcnn.data", "minimrcnn.evaluation.panoptic_io"}},
+    # PIL only for the COCO panoptic PNGs (panoptic_io.py)
+    "evaluation": {"external": {"__future__", "collections", "contextlib", "copy", "io", "json", "os", "pathlib",
+                                "dataclasses", "typing", "math", "numpy", "pycocotools", "PIL"},
                    "internal": {"minimrcnn.evaluation", "minimrcnn.ops"}},
 }
 
