@@ -286,7 +286,9 @@ def _exercises(path):
 
 
 def test_every_notebook_has_at_least_two_tagged_exercises_with_checkers():
-    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+    lessons = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))  # 00-08; appendices (A1_...) have none
+    assert [p.name[:2] for p in lessons] == [f"{k:02d}" for k in range(9)]
+    for path in lessons:
         exercises = _exercises(path)
         assert len(exercises) >= 2, path.name
         for cell, checker, _ in exercises:
