@@ -30,6 +30,14 @@ from minimrcnn.ops.boxes import BoxCoder, box_iou, nms
 from minimrcnn.ops.roi_align import roi_align_sample_points
 from minimrcnn.ops.roi_pool import roi_pool_bins
 
+
+@pytest.fixture(autouse=True)
+def lenient_checkers(monkeypatch):
+    """Checkers print and return here; a test that wants strict mode says so. (``make test``
+    runs these tests in the same pytest as the notebooks, whose conftest.py turns strict on.)"""
+    monkeypatch.delenv("MINIMRCNN_COURSE_STRICT", raising=False)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 
