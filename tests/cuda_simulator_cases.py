@@ -60,7 +60,18 @@ def record_cases(seed: int = 0) -> dict:
         "roi_pool": torch.autograd.gradcheck(lambda f: roi_pool(f, rois, 2, 0.5, backend="cuda"),
                                              (features,), fast_mode=True, raise_exception=False),
     }
+    # RoIPool's bin edges in the input's dtype: a 29-pixel RoI in 7 bins ends at column 29 in float32,
+    # at 30 in float64 (a ramp along x makes the last bin's max show it); tests/test_roi_pool.py
+    ramp = torch.arange(40.0).repeat(40, 1).reshape(1, 1, 40, 40)
+    dtype_edges = []
+    for dtype in (torch.float32, torch.float64):
+        for corner, spatial_scale in ((28.0, 1.0), (28.0 * 16, 1 / 16)):
+            rois = torch.tensor([[0, 0, 0, corner, corner]], dtype=dtype)
+            output, argmax = roi_pool(ramp.to(dtype), rois, 7, spatial_scale, "cuda", True)
+            dtype_edges.append({"features": ramp.to(dtype), "rois": rois, "spatial_scale": spatial_scale,
+                                "output": output, "argmax": argmax})
     return {"roi_align": align_cases, "roi_pool": pool_cases, "empty": empty, "gradcheck": gradcheck,
+            "roi_pool_dtype_edges": dtype_edges,
             "outside_on_inf_map": roi_align(infinite, outside, 2, 1.0, 2, backend="cuda")}
 
 
