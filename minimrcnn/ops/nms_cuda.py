@@ -55,7 +55,8 @@ def _suppression_masks(boxes, classes, counts, iou_threshold, masks):
                 width64 = np.float64(width) if width > 0 else np.float64(0.0)
                 height64 = np.float64(height) if height > 0 else np.float64(0.0)
                 intersection = width64 * height64
-                union = np.float64(area_i) + np.float64((bx2 - bx1) * (by2 - by1)) - intersection
+                # the CPU loop's order: areas summed in the boxes' dtype, then the float64 intersection off
+                union = np.float64(area_i + (bx2 - bx1) * (by2 - by1)) - intersection
                 # union 0 is the CPU loop's 0 / 0 = NaN, which never exceeds the threshold
                 if union != 0 and intersection / union > iou_threshold:
                     word |= np.int64(1) << np.int64(j - first)
