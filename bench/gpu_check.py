@@ -283,13 +283,16 @@ def markdown(results):
             lines += [f"- ops ({section['backend']} vs float64 reference): {'OK' if section['ok'] else 'FAILED'}; "
                       f"max relative error {errors}; gradcheck {section['gradcheck']}"]
         elif name == "syncs":
-            lines += [f"- syncs, one shapes-gpu step of {section['batch']} images: CUDA sync warnings "
-                      f"{section['cuda_syncs'] if section['cuda_syncs'] is not None else 'not counted (' + section['skipped'] + ')'}"
-                      f"; CPU proxy {section['cpu_proxy_sync_ops']} sync-forcing of {section['cpu_proxy_aten_ops']} aten ops"]
+            counted = section["cuda_syncs"]
+            counted = counted if counted is not None else f"not counted ({section['skipped']})"
+            lines += [f"- syncs, one shapes-gpu step of {section['batch']} images: CUDA sync warnings {counted}; "
+                      f"CPU proxy {section['cpu_proxy_sync_ops']} sync-forcing of "
+                      f"{section['cpu_proxy_aten_ops']} aten ops"]
         elif name == "demo":
+            segm, bbox, data = section["segm"], section["bbox"], section["data"]
             lines += [f"- demo: shapes-gpu, {section['iterations']} iterations in {section['train_seconds']:.0f} s "
-                      f"({section['data']['num_train']} train / {section['data']['num_val']} val images): segm AP "
-                      f"{section['segm']['AP']:.3f} (AP50 {section['segm']['AP50']:.3f}), bbox AP {section['bbox']['AP']:.3f}"]
+                      f"({data['num_train']} train / {data['num_val']} val images): segm AP {segm['AP']:.3f} "
+                      f"(AP50 {segm['AP50']:.3f}), bbox AP {bbox['AP']:.3f}"]
         elif name == "speed":
             if section["torchvision_skipped"]:
                 lines += [f"- speed: torchvision skipped: {section['torchvision_skipped']}"]

@@ -124,9 +124,9 @@ def record_nms_cases() -> dict:
     classes = torch.randint(0, 2, (3, 70), generator=generator)
     counts = torch.tensor([10, 0, 70])
     rows = sorted_rows_nms(boxes, classes, counts, 0.4, 50)
-    return {"cases": cases, "kept": kept, "rows": {"boxes": boxes, "classes": classes, "counts": counts,
-                                                   "threshold": 0.4, "max_kept": 50,
-                                                   "kept": torch.from_numpy(rows[0]), "num_kept": torch.from_numpy(rows[1])}}
+    rows = {"boxes": boxes, "classes": classes, "counts": counts, "threshold": 0.4, "max_kept": 50,
+            "kept": torch.from_numpy(rows[0]), "num_kept": torch.from_numpy(rows[1])}
+    return {"cases": cases, "kept": kept, "rows": rows}
 
 
 @functools.lru_cache(maxsize=None)  # deterministic, and a few seconds per run: once per session
