@@ -118,6 +118,9 @@ def record_nms_cases() -> dict:
     cases = nms_cases()
     kept = [batched_nms_bitmask(c["boxes"], c["scores"], c["classes"], c["threshold"], c["max_kept"])
             for c in cases]
+    # the same cases split into one row per class (what more than SINGLE_ROW_MAX boxes take)
+    kept_by_class = [batched_nms_bitmask(c["boxes"], c["scores"], c["classes"], c["threshold"], c["max_kept"],
+                                         single_row_max=0) for c in cases]
     generator = torch.Generator().manual_seed(5)
     boxes = torch.rand(3, 70, 2, generator=generator) * 60
     boxes = torch.cat([boxes, boxes + 5 + torch.rand(3, 70, 2, generator=generator) * 30], 2)
@@ -126,7 +129,7 @@ def record_nms_cases() -> dict:
     rows = sorted_rows_nms(boxes, classes, counts, 0.4, 50)
     rows = {"boxes": boxes, "classes": classes, "counts": counts, "threshold": 0.4, "max_kept": 50,
             "kept": torch.from_numpy(rows[0]), "num_kept": torch.from_numpy(rows[1])}
-    return {"cases": cases, "kept": kept, "rows": rows}
+    return {"cases": cases, "kept": kept, "kept_by_class": kept_by_class, "rows": rows}
 
 
 @functools.lru_cache(maxsize=None)  # deterministic, and a few seconds per run: once per session

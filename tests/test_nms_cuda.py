@@ -26,6 +26,12 @@ def test_device_nms_matches_cpu_and_brute_force(recorded):
         assert kept.tolist() == cpu.tolist()
 
 
+def test_device_nms_one_row_per_class_matches_the_cpu(recorded):
+    for case, kept in zip(recorded["cases"], recorded["kept_by_class"]):
+        cpu = batched_nms(case["boxes"], case["scores"], case["classes"], case["threshold"], case["max_kept"])
+        assert kept.tolist() == cpu.tolist()
+
+
 def test_device_nms_hand_cases(recorded):
     kept = [k.tolist() for k in recorded["kept"]]
     assert kept[3] == [0, 64]  # 64 duplicates suppressed down to the first; the 65th is another class

@@ -27,6 +27,7 @@ from numba import cuda
 from minimrcnn.ops._numba import cuda_launch  # first: Numba set-up
 
 BLOCK = 64  # boxes per mask word
+SINGLE_ROW_MAX = 4096  # boxes NMS-ed as one row; above, one row per class (see batched_nms_bitmask)
 
 
 @cuda.jit
@@ -102,12 +103,33 @@ def sorted_rows_nms(sorted_boxes, sorted_classes, counts, iou_threshold, max_kep
     return _keep_from_masks(host_masks, counts.to(torch.int64).cpu().numpy(), int(max_kept))
 
 
-def batched_nms_bitmask(boxes, scores, classes, iou_threshold, max_kept):
+def batched_nms_bitmask(boxes, scores, classes, iou_threshold, max_kept, single_row_max=SINGLE_ROW_MAX):
     """``boxes.batched_nms`` on the device: [N, 4], [N], [N] -> kept indices [<= max_kept] int64,
-    by decreasing score, ties in input order (a stable sort, as the CPU path)."""
+    by decreasing score, ties in input order (a stable sort, as the CPU path).
+
+    Up to ``single_row_max`` boxes form one row (classes compared in the kernel); more are split
+    into one row per class, so the masks take sum-of-squares of the class sizes, not N^2 words
+    (80 classes x 2 images x 1000 boxes would otherwise need gigabytes).
+    """
     order = torch.argsort(scores, descending=True, stable=True)
-    counts = torch.full((1,), boxes.shape[0], dtype=torch.int64, device=boxes.device)
-    kept, num_kept = sorted_rows_nms(boxes.detach()[order][None], classes[order][None], counts,
-                                     iou_threshold, max_kept)
-    positions = torch.from_numpy(kept[0, : num_kept[0]]).to(order.device)
-    return order[positions]
+    num_boxes = boxes.shape[0]
+    if num_boxes <= single_row_max or num_boxes == 0:
+        counts = torch.full((1,), num_boxes, dtype=torch.int64, device=boxes.device)
+        kept, num_kept = sorted_rows_nms(boxes.detach()[order][None], classes[order][None], counts,
+                                         iou_threshold, max_kept)
+        return order[torch.from_numpy(kept[0, : num_kept[0]]).to(order.device)]
+    device = boxes.device
+    grouped = order[torch.argsort(classes[order], stable=True)]  # by class, each class by score
+    _, counts = torch.unique_consecutive(classes[grouped], return_counts=True)
+    width = int(counts.max())  # (a sync; the kept count needs one anyway)
+    rows = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts)
+    columns = torch.arange(num_boxes, device=device) - (torch.cumsum(counts, 0) - counts)[rows]
+    padded = torch.zeros((counts.numel(), width), dtype=torch.int64, device=device)
+    padded[rows, columns] = grouped  # [G, W] indices into the inputs; past a row's count: unused
+    kept, num_kept = sorted_rows_nms(boxes.detach()[padded], torch.zeros_like(padded), counts, iou_threshold,
+                                     width)
+    taken = torch.from_numpy(np.arange(width)[None, :] < num_kept[:, None]).to(device)
+    kept_indices = padded.gather(1, torch.from_numpy(kept).to(device))[taken]
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(num_boxes, device=device)  # position in the stable score order
+    return kept_indices[torch.argsort(rank[kept_indices])][:max_kept]
