@@ -137,6 +137,10 @@ class Config:
     checkpoint_period: int = 5000
     seed: int = 0
     num_workers: int = 4
+    # GPU speed (issue 12 item 5): pad the mask head's RoI batch to a multiple of this, repeating
+    # its first RoI and dropping the padding's logits (the same losses and gradients), so that its
+    # convolutions see a few shapes and cudnn.benchmark tunes each once; 0 = off (no padding)
+    mask_roi_bucket: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -158,6 +162,7 @@ _register(
     Config(
         name="shapes-gpu",
         num_classes=5,
+        mask_roi_bucket=64,  # fixed 128 x 128 images: with this, every conv sees few shapes (cudnn.benchmark)
         min_size=(128,),
         min_size_test=128,
         max_size=128,

@@ -60,8 +60,76 @@ def record_cases(seed: int = 0) -> dict:
         "roi_pool": torch.autograd.gradcheck(lambda f: roi_pool(f, rois, 2, 0.5, backend="cuda"),
                                              (features,), fast_mode=True, raise_exception=False),
     }
+    # RoIPool's bin edges in the input's dtype: a 29-pixel RoI in 7 bins ends at column 29 in float32,
+    # at 30 in float64 (a ramp along x makes the last bin's max show it); tests/test_roi_pool.py
+    ramp = torch.arange(40.0).repeat(40, 1).reshape(1, 1, 40, 40)
+    dtype_edges = []
+    for dtype in (torch.float32, torch.float64):
+        for corner, spatial_scale in ((28.0, 1.0), (28.0 * 16, 1 / 16)):
+            rois = torch.tensor([[0, 0, 0, corner, corner]], dtype=dtype)
+            output, argmax = roi_pool(ramp.to(dtype), rois, 7, spatial_scale, "cuda", True)
+            dtype_edges.append({"features": ramp.to(dtype), "rois": rois, "spatial_scale": spatial_scale,
+                                "output": output, "argmax": argmax})
     return {"roi_align": align_cases, "roi_pool": pool_cases, "empty": empty, "gradcheck": gradcheck,
+            "roi_pool_dtype_edges": dtype_edges, "nms": record_nms_cases(),
             "outside_on_inf_map": roi_align(infinite, outside, 2, 1.0, 2, backend="cuda")}
+
+
+def nms_cases() -> list[dict]:
+    """Inputs of the device NMS cases (tests/test_nms_cuda.py): ties, exactly-threshold IoU,
+    duplicates across the 64-box block boundary, degenerate boxes, classes, empty; <= 130 boxes."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def coarse(num, seed):  # coordinates on a 10-pixel grid: ties and duplicates are likely
+        corner = np.random.default_rng(seed).uniform(0, 100, (num, 2))
+        size = np.random.default_rng(seed + 1).uniform(1, 50, (num, 2))
+        return torch.tensor(np.round(np.concatenate([corner, corner + size], 1) / 10) * 10 + [0, 0, 5, 5],
+                            dtype=torch.float32)
+
+    cases = [
+        {"boxes": coarse(60, 1), "scores": torch.tensor(rng.integers(0, 5, 60), dtype=torch.float32),
+         "classes": torch.zeros(60, dtype=torch.int64), "threshold": 0.5},  # tied scores
+        {"boxes": coarse(130, 2), "scores": torch.tensor(rng.random(130), dtype=torch.float32),
+         "classes": torch.tensor(rng.integers(0, 3, 130)), "threshold": 0.3},  # 3 blocks, classes
+        {"boxes": coarse(130, 3).double(), "scores": torch.tensor(rng.integers(0, 3, 130), dtype=torch.float64),
+         "classes": torch.tensor(rng.integers(0, 2, 130)), "threshold": 0.7},  # float64, ties
+        {"boxes": torch.tensor([[0.0, 0, 10, 10]]).repeat(65, 1), "scores": torch.ones(65),
+         "classes": torch.tensor([0] * 64 + [1]), "threshold": 0.5},  # the 65th, in block 1, is another class
+        {"boxes": torch.tensor([[0.0, 0, 2, 1], [1.0, 0, 3, 1]]), "scores": torch.tensor([1.0, 0.5]),
+         "classes": torch.zeros(2, dtype=torch.int64), "threshold": 1 / 3},  # IoU exactly 1/3: kept
+        {"boxes": torch.tensor([[1.0, 1, 1, 1], [1.0, 1, 1, 1], [0, 0, 4, 4]]), "scores": torch.tensor([1.0, .5, .2]),
+         "classes": torch.zeros(3, dtype=torch.int64), "threshold": 0.5},  # degenerate: 0 / 0 never suppresses
+        {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "classes": torch.zeros(0, dtype=torch.int64),
+         "threshold": 0.5},
+    ]
+    for case in cases:
+        case["max_kept"] = len(case["scores"])
+    cases.append(dict(cases[1], max_kept=7))  # stops after 7 kept
+    return cases
+
+
+def record_nms_cases() -> dict:
+    """Device-NMS results under the simulator: batched_nms_bitmask per case, and sorted_rows_nms on
+    three padded rows at once (10, 0 and 70 boxes taking part)."""
+    from minimrcnn.ops.nms_cuda import batched_nms_bitmask, sorted_rows_nms
+
+    cases = nms_cases()
+    kept = [batched_nms_bitmask(c["boxes"], c["scores"], c["classes"], c["threshold"], c["max_kept"])
+            for c in cases]
+    # the same cases split into one row per class (what more than SINGLE_ROW_MAX boxes take)
+    kept_by_class = [batched_nms_bitmask(c["boxes"], c["scores"], c["classes"], c["threshold"], c["max_kept"],
+                                         single_row_max=0) for c in cases]
+    generator = torch.Generator().manual_seed(5)
+    boxes = torch.rand(3, 70, 2, generator=generator) * 60
+    boxes = torch.cat([boxes, boxes + 5 + torch.rand(3, 70, 2, generator=generator) * 30], 2)
+    classes = torch.randint(0, 2, (3, 70), generator=generator)
+    counts = torch.tensor([10, 0, 70])
+    rows = sorted_rows_nms(boxes, classes, counts, 0.4, 50)
+    rows = {"boxes": boxes, "classes": classes, "counts": counts, "threshold": 0.4, "max_kept": 50,
+            "kept": torch.from_numpy(rows[0]), "num_kept": torch.from_numpy(rows[1])}
+    return {"cases": cases, "kept": kept, "kept_by_class": kept_by_class, "rows": rows}
 
 
 @functools.lru_cache(maxsize=None)  # deterministic, and a few seconds per run: once per session

@@ -312,7 +312,7 @@ def test_cuda_kernels_compile_for_a_real_gpu(monkeypatch):
         for kernel, args in (
             (roi_align_module._forward_cuda, align_args),
             (roi_align_module._backward_cuda, align_args),
-            (roi_pool_module._forward_cuda, (features, rois, types.float64, features, argmax)),
+            (roi_pool_module._forward_cuda, (features, rois, types.float64, types.boolean, features, argmax)),
             (roi_pool_module._backward_cuda, (features, rois, argmax, features)),
         ):
             ptx, _ = cuda.compile_ptx(kernel.py_func, types.void(*args), cc=(9, 0))

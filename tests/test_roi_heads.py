@@ -179,3 +179,33 @@ def test_inference_output_shapes_and_types():
         assert detection["scores"].shape == (count,) and detection["labels"].dtype == torch.int64
         assert detection["mask_probs"].shape == (count, heads.mask_resolution, heads.mask_resolution)
         assert bool(((detection["labels"] >= 1) & (detection["labels"] <= 4)).all())
+
+
+def test_mask_roi_bucket_pads_the_mask_head_batch_and_changes_nothing_else():
+    features = pyramid()
+    proposals = [random_proposals(50, 3), random_proposals(40, 4)]
+    targets = [target([[5, 5, 25, 25], [30, 30, 60, 50]], [1, 3]), target([[8, 30, 40, 60]], [2])]
+    results = {}
+    for bucket in (0, 64):
+        torch.manual_seed(0)
+        heads = RoIHeads(tiny_config(mask_roi_bucket=bucket), CHANNELS)
+        seen = []
+        heads.mask_head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[0]))
+        leaves = [f.clone().requires_grad_() for f in features]
+        torch.manual_seed(1)
+        _, losses = heads(leaves, proposals, [(IMAGE_SIZE, IMAGE_SIZE)] * 2, targets)
+        sum(losses.values()).backward()
+        heads.eval()
+        with torch.no_grad():
+            detections = heads(features, proposals, [(IMAGE_SIZE, IMAGE_SIZE)] * 2)[0]
+        results[bucket] = (losses, [f.grad for f in leaves], [p.grad for p in heads.mask_head.parameters()],
+                           detections, seen)
+    (losses, grads, head_grads, detections, seen), padded = results[0], results[64]
+    assert seen[0] % 64 != 0 and all(count % 64 == 0 for count in padded[4]), (seen, padded[4])
+    for name in losses:
+        torch.testing.assert_close(padded[0][name], losses[name], rtol=1e-6, atol=1e-7)
+    for ours, expected in zip(padded[1] + padded[2], grads + head_grads):
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)
+    assert sum(len(d["boxes"]) for d in detections) > 0
+    for ours, expected in zip(padded[3], detections):
+        torch.testing.assert_close(ours["mask_probs"], expected["mask_probs"], rtol=1e-5, atol=1e-6)

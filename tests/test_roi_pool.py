@@ -7,7 +7,7 @@ import torch
 
 from minimrcnn.ops import RoIPool, roi_pool
 from minimrcnn.ops.roi_align import random_rois
-from minimrcnn.ops.roi_pool import round_half_away, roi_pool_reference
+from minimrcnn.ops.roi_pool import round_half_away, roi_pool_bins, roi_pool_reference
 
 from cuda_simulator_cases import run_under_simulator
 
@@ -159,3 +159,95 @@ def test_module_wrapper():
 def test_bad_inputs(features, rois, message):
     with pytest.raises((TypeError, ValueError), match=message):
         roi_pool(features, rois, 2)
+
+
+# --- float32 parity with torchvision: bin edges in the input's dtype -------------------------
+
+
+def torchvision_roi_pool_float32(features, rois, pooled, spatial_scale):
+    """A line-by-line NumPy float32 transcription of torchvision's RoIPool forward kernel
+    (roi_pool_kernel.cpp, template type T = float): every product and quotient in float32."""
+    f32 = np.float32
+    features, rois, scale = np.asarray(features, f32), np.asarray(rois, f32), f32(spatial_scale)
+    _, channels, height, width = features.shape
+
+    def c_round(value):  # std::round(float): halves away from zero; float64 +-0.5 is exact for a float32
+        return int(np.trunc(np.float64(value) + np.copysign(0.5, value)))
+
+    output = np.zeros((len(rois), channels, pooled, pooled), f32)
+    argmax = np.full(output.shape, -1, np.int64)
+    for k, roi in enumerate(rois):
+        start_w, start_h = c_round(roi[1] * scale), c_round(roi[2] * scale)
+        end_w, end_h = c_round(roi[3] * scale), c_round(roi[4] * scale)
+        bin_size_h = f32(max(end_h - start_h + 1, 1)) / f32(pooled)
+        bin_size_w = f32(max(end_w - start_w + 1, 1)) / f32(pooled)
+        for ph in range(pooled):
+            hstart = min(max(int(np.floor(f32(ph) * bin_size_h)) + start_h, 0), height)
+            hend = min(max(int(np.ceil(f32(ph + 1) * bin_size_h)) + start_h, 0), height)
+            for pw in range(pooled):
+                wstart = min(max(int(np.floor(f32(pw) * bin_size_w)) + start_w, 0), width)
+                wend = min(max(int(np.ceil(f32(pw + 1) * bin_size_w)) + start_w, 0), width)
+                if hend <= hstart or wend <= wstart:
+                    continue
+                window = features[int(roi[0]), :, hstart:hend, wstart:wend].reshape(channels, -1)
+                first = window.argmax(axis=1)  # the first maximum in row-major order, like the strict '>'
+                output[k, :, ph, pw] = window[np.arange(channels), first]
+                rows, cols = np.divmod(first, wend - wstart)
+                argmax[k, :, ph, pw] = (hstart + rows) * width + wstart + cols
+    return output, argmax
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("spatial_scale", [1.0, 1 / 4, 1 / 16, 1 / 32])
+def test_float32_matches_torchvision_float32_arithmetic(backend, spatial_scale):
+    # maps of 40 x 44 and RoIs up to ~3x the map: RoI sizes of 1..130 pixels, among them the
+    # sizes whose float32 bin edges differ from float64 ones (29, 31, 57, ... for 7/14/28 bins)
+    generator = torch.Generator().manual_seed(int(1 / spatial_scale))
+    features = torch.randn(2, 2, 40, 44, generator=generator)
+    rois = random_rois(generator, 24, 2, 40, 44, spatial_scale, torch.float32)
+    for pooled in (7, 14, 28):
+        expected, expected_argmax = torchvision_roi_pool_float32(features.numpy(), rois.numpy(), pooled, spatial_scale)
+        output, argmax = roi_pool(features, rois, pooled, spatial_scale, backend, return_argmax=True)
+        np.testing.assert_array_equal(output.numpy(), expected)
+        np.testing.assert_array_equal(argmax.numpy(), expected_argmax)
+
+
+FLOAT32_EDGE_CASES = [  # (RoI x1 = y1 = 0 to x2 = y2, spatial_scale, bins): 29 pixels on the map, 7 bins
+    (28.0, 1.0, 7),  # last bin's end: ceil(7 * f32(29 / 7)) = 29, but ceil(7 * (29 / 7)) = 30 in float64
+    (28.0 * 16, 1 / 16, 7),
+    (28.0 * 16, 1 / 16, 28),  # the 28-bin head: ceil(28 * (29 / 28)) = 30 in float64, 29 in float32
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("corner,spatial_scale,pooled", FLOAT32_EDGE_CASES)
+def test_bin_edges_in_the_inputs_dtype(backend, corner, spatial_scale, pooled):
+    # a ramp along x: the last column bin's max is its last column, which tells the bin's end
+    features = torch.arange(40.0).repeat(40, 1).reshape(1, 1, 40, 40)
+    rois = torch.tensor([[0, 0, 0, corner, corner]])
+    last = roi_pool(features, rois, pooled, spatial_scale, backend)[0, 0, 0, -1].item()
+    assert last == 28  # float32: columns [.., 29)
+    assert last == torchvision_roi_pool_float32(features.numpy(), rois.numpy(), pooled, spatial_scale)[0][0, 0, 0, -1]
+    wide = roi_pool(features.double(), rois.double(), pooled, spatial_scale, backend)[0, 0, 0, -1].item()
+    assert wide == 29  # float64 arithmetic (torchvision's for float64 inputs): columns [.., 30)
+
+
+def test_roi_pool_bins_takes_the_arithmetic_dtype():
+    roi = [0, 0, 0, 28.0, 28.0]
+    assert list(roi_pool_bins(roi, 40, 40, (7, 7)))[-1][2:] == (24, 30, 24, 30)  # float64 by default
+    assert list(roi_pool_bins(roi, 40, 40, (7, 7), dtype=np.float32))[-1][2:] == (24, 29, 24, 29)
+
+
+def test_round_half_away_is_exact_below_a_half():
+    below_half = np.nextafter(np.float32(0.5), np.float32(0))  # 0.49999997: floor(v + 0.5) in float32 gives 1
+    assert round_half_away(below_half) == 0 and round_half_away(-below_half) == 0
+    assert round_half_away(np.nextafter(0.5, 0)) == 0  # and in float64
+
+
+def test_cuda_bin_edges_in_the_inputs_dtype_under_simulator():
+    cases = run_under_simulator()["roi_pool_dtype_edges"]
+    assert [case["output"][0, 0, 0, -1].item() for case in cases] == [28, 28, 29, 29]  # float32, float32, float64...
+    for case in cases:
+        expected, expected_argmax = roi_pool(case["features"], case["rois"], 7, case["spatial_scale"], "reference",
+                                             True)
+        assert torch.equal(case["output"], expected) and torch.equal(case["argmax"], expected_argmax)

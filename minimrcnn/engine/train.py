@@ -322,8 +322,13 @@ def train(config: Config | None, out_dir, train_images=None, train_annotations=N
 
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matrix products, as is usual for training
-        # Fixed-size inputs (shapes: every image square, one size) let cuDNN pick its fastest kernels once.
-        torch.backends.cudnn.benchmark = len(config.min_size) == 1 and config.min_size[0] == config.max_size
+        # cudnn.benchmark times every conv algorithm for each new input shape and keeps the fastest:
+        # a gain only if the shapes repeat. The backbone, FPN and RPN see one shape when every image
+        # has one size; the mask head sees a new RoI count each step unless mask_roi_bucket pads it
+        # to a few sizes (the box head is fully connected). So: both, or no benchmark (with many
+        # shapes it would re-time the mask head's convs on most steps, forward and backward).
+        fixed_images = len(config.min_size) == 1 and config.min_size[0] == config.max_size
+        torch.backends.cudnn.benchmark = fixed_images and config.mask_roi_bucket > 0
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
     random.seed(config.seed)

@@ -63,6 +63,7 @@ class RoIHeads(nn.Module):
         self.box_loss = config.box_loss
         self.mask_loss = config.mask_loss
         self.mask_resolution = config.mask_resolution
+        self.mask_roi_bucket = config.mask_roi_bucket
         self.score_thresh = config.score_thresh
         self.nms_thresh = config.nms_thresh
         self.detections_per_image = config.detections_per_image
@@ -127,7 +128,7 @@ class RoIHeads(nn.Module):
 
         # The mask branch sees foreground RoIs only.
         foreground = torch.nonzero(foreground_rows).squeeze(1)
-        mask_logits = self.mask_head(self.mask_pooler(features, rois[foreground]))
+        mask_logits = self.mask_head_logits(features, rois[foreground])
         mask_targets = batched.mask_targets_batched(
             targets, image_index[foreground], boxes[foreground], matched[foreground], self.mask_resolution)
         losses["loss_mask"] = mask_loss(mask_logits, gt_classes[foreground], mask_targets,
@@ -157,7 +158,7 @@ class RoIHeads(nn.Module):
 
         # The mask branch sees foreground RoIs only (sampling put them first in each image).
         foreground = torch.nonzero(gt_classes > 0).squeeze(1)
-        mask_logits = self.mask_head(self.mask_pooler(features, rois[foreground]))
+        mask_logits = self.mask_head_logits(features, rois[foreground])
         mask_targets = torch.cat([
             mask_targets_for_image(
                 target["masks"], boxes[classes > 0], matched[classes > 0], self.mask_resolution,
@@ -236,11 +237,24 @@ class RoIHeads(nn.Module):
                                "labels": image_labels[kept]})
         return detections
 
+    def mask_head_logits(self, features, rois: torch.Tensor) -> torch.Tensor:
+        """Mask head over rois [F, 5] -> logits [F, classes or 1, M, M].
+
+        With ``mask_roi_bucket`` > 0 the RoI batch is padded to a multiple of it (repeating the
+        first RoI) and the padding's logits are dropped: the head treats RoIs independently (no
+        batch norm), so the logits and gradients are the same, and on a GPU its convolutions see
+        a few batch sizes instead of a new one each step, which cudnn.benchmark can tune once.
+        """
+        count = rois.shape[0]
+        if self.mask_roi_bucket > 0 and count % self.mask_roi_bucket:
+            rois = torch.cat([rois, rois[:1].expand(self.mask_roi_bucket - count % self.mask_roi_bucket, -1)])
+        return self.mask_head(self.mask_pooler(features, rois))[:count]
+
     def detect_masks(self, features, detections: list[dict]) -> None:
         """Adds ``mask_probs`` [D, M, M] (predicted class's channel, in [0, 1]) to each detection."""
         rois = boxes_to_rois([d["boxes"] for d in detections])
         labels = torch.cat([d["labels"] for d in detections])
-        mask_logits = self.mask_head(self.mask_pooler(features, rois))
+        mask_logits = self.mask_head_logits(features, rois)
         probs = mask_probabilities(mask_logits.float(), labels, self.mask_loss)
         for detection, image_probs in zip(detections, probs.split([len(d["boxes"]) for d in detections])):
             detection["mask_probs"] = image_probs

@@ -14,6 +14,8 @@ import numba
 import numpy as np
 import torch
 
+from minimrcnn.ops.nms_cuda import batched_nms_bitmask, sorted_rows_nms
+
 # Never let exp(dw) blow up a box beyond 1000/16 times its proposal (Detectron2's clamp).
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 # The losses offered for regressing BoxCoder deltas (by the RPN and by the box head).
@@ -191,6 +193,8 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor
     limit = boxes.shape[0] if max_kept is None else int(max_kept)
     if boxes.shape[0] == 0 or limit <= 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    if boxes.is_cuda:  # IoU bitmasks on the device, one copy of them, the greedy pass on the host
+        return batched_nms_bitmask(boxes, scores, classes, iou_threshold, limit)
     order = torch.argsort(scores, descending=True, stable=True)
     # The greedy loop is sequential: run it compiled on the CPU (boxes are few, a copy is cheap).
     sorted_boxes = boxes.detach()[order].cpu().numpy()
@@ -230,6 +234,11 @@ def nms_padded(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor,
     sorted_boxes = boxes.detach().gather(1, order[:, :, None].expand(-1, -1, 4))
     sorted_classes = classes.gather(1, order).to(torch.int32)
     sorted_valid = valid.gather(1, order).to(torch.int32)
+    if boxes.is_cuda:  # every row in one launch of the bitmask kernel (valid boxes sort first)
+        host_kept, host_counts = sorted_rows_nms(sorted_boxes, sorted_classes, sorted_valid.sum(1), iou_threshold,
+                                                 max_kept)
+        kept = order.gather(1, torch.from_numpy(host_kept).to(order.device))
+        return kept, host_counts.tolist()
     # One host copy for all rows: boxes, then the classes and validity flags bit-cast
     # into the boxes' dtype (exact), so nothing is rounded.
     int_dtype = torch.int32 if boxes.dtype == torch.float32 else torch.int64

@@ -4,7 +4,11 @@ Shape shorthand:
     N: images, C: channels, H, W: feature map size
     K: RoIs, ph, pw: output (pooled) size
 
-Semantics are torchvision's compiled kernel:
+Semantics are torchvision's compiled kernel, including its arithmetic type: the corner
+and bin arithmetic below runs in the input's dtype (float32 for float32 maps, float64 for
+float64), as the C++/CUDA kernel does in its template type T. In float32, round(x * scale)
+and floor(py * bin_h) can land on another integer than in float64 (with 28 x 28 bins and
+scale 1/16 they often do), so computing in float64 would pick other pixels than torchvision:
     corners rounded with C rounding (halves away from zero): start = round(x1 * scale)
     roi size = max(end - start + 1, 1) (corners are inclusive pixel indices)
     bin (py, px) covers rows start + floor(py * bin_h) .. start + ceil((py + 1) * bin_h),
@@ -46,40 +50,58 @@ ARGMAX_DTYPE = torch.int32  # row * W + col; int32 like torchvision: half the me
 
 
 def round_half_away(value):
-    """C's round(): 2.5 -> 3, -2.5 -> -3 (Python's round() gives 2 and -2)."""
-    return math.floor(value + 0.5) if value >= 0 else -math.floor(-value + 0.5)
+    """C's round(): 2.5 -> 3, -2.5 -> -3 (Python's round() gives 2 and -2).
+
+    Exact in the value's own type: the fraction value - floor(value) is exact, whereas
+    floor(value + 0.5) can round the sum up (0.49999997 + 0.5 is 1.0 in float32)."""
+    magnitude = value if value >= 0 else -value
+    whole = math.floor(magnitude)
+    whole = whole + 1 if magnitude - whole >= 0.5 else whole
+    return whole if value >= 0 else -whole
 
 
-def roi_pool_bins(roi, height, width, output_size, spatial_scale=1.0):
-    """Yield (py, px, row_start, row_end, col_start, col_end) of every bin of one RoI (ends exclusive)."""
+def roi_pool_bins(roi, height, width, output_size, spatial_scale=1.0, dtype=np.float64):
+    """Yield (py, px, row_start, row_end, col_start, col_end) of every bin of one RoI (ends exclusive).
+
+    dtype: the type the arithmetic runs in (torchvision's: the input's dtype); every
+    product and quotient below is a NumPy scalar of that type.
+    """
+    real = np.dtype(dtype).type
     pooled_h, pooled_w = output_size
-    start_x = round_half_away(roi[1] * spatial_scale)
-    start_y = round_half_away(roi[2] * spatial_scale)
-    end_x = round_half_away(roi[3] * spatial_scale)
-    end_y = round_half_away(roi[4] * spatial_scale)
+    scale = real(spatial_scale)
+    start_x = round_half_away(real(roi[1]) * scale)
+    start_y = round_half_away(real(roi[2]) * scale)
+    end_x = round_half_away(real(roi[3]) * scale)
+    end_y = round_half_away(real(roi[4]) * scale)
     roi_w = max(end_x - start_x + 1, 1)
     roi_h = max(end_y - start_y + 1, 1)
-    bin_h, bin_w = roi_h / pooled_h, roi_w / pooled_w
+    bin_h, bin_w = real(roi_h) / real(pooled_h), real(roi_w) / real(pooled_w)
     for py in range(pooled_h):
-        row_start = min(max(math.floor(py * bin_h) + start_y, 0), height)
-        row_end = min(max(math.ceil((py + 1) * bin_h) + start_y, 0), height)
+        row_start = min(max(math.floor(real(py) * bin_h) + start_y, 0), height)
+        row_end = min(max(math.ceil(real(py + 1) * bin_h) + start_y, 0), height)
         for px in range(pooled_w):
-            col_start = min(max(math.floor(px * bin_w) + start_x, 0), width)
-            col_end = min(max(math.ceil((px + 1) * bin_w) + start_x, 0), width)
+            col_start = min(max(math.floor(real(px) * bin_w) + start_x, 0), width)
+            col_end = min(max(math.ceil(real(px + 1) * bin_w) + start_x, 0), width)
             yield py, px, row_start, row_end, col_start, col_end
 
 
-def roi_pool_reference(features, rois, output_size, spatial_scale=1.0):
-    """features: [N, C, H, W], rois: [K, 5] -> (output [K, C, ph, pw] float64, argmax int64)."""
+def roi_pool_reference(features, rois, output_size, spatial_scale=1.0, dtype=None):
+    """features: [N, C, H, W], rois: [K, 5] -> (output [K, C, ph, pw] float64, argmax int64).
+
+    dtype: the type of the bin arithmetic; None: float32 for float32 rois, else float64
+    (the values are compared in float64 either way: a max is exact).
+    """
+    if dtype is None:
+        dtype = np.float32 if np.asarray(rois).dtype == np.float32 else np.float64
     features = np.asarray(features, dtype=np.float64)
-    rois = np.asarray(rois, dtype=np.float64)
+    rois = np.asarray(rois, dtype=np.float64)  # exact for float32 rois: bins cast back to dtype
     _, channels, height, width = features.shape
     output = np.zeros((len(rois), channels) + tuple(output_size))
     argmax = np.full(output.shape, NO_ARGMAX, dtype=np.int64)
     for k, roi in enumerate(rois):
         image = features[int(roi[0])]  # [C, H, W]
         for py, px, row_start, row_end, col_start, col_end in roi_pool_bins(
-            roi, height, width, output_size, spatial_scale
+            roi, height, width, output_size, spatial_scale, dtype
         ):
             if row_end <= row_start or col_end <= col_start:
                 continue  # empty bin: output 0, argmax -1
@@ -117,30 +139,70 @@ def roi_pool_backward_reference(grad_output, rois, argmax, feature_shape):
 # ---------------------------------------------------------------------------
 
 
-def quantize_roi_axis(coord_start, coord_end, spatial_scale):
-    """RoI corners along one axis -> (first pixel, size in pixels), both rounded (C's round)."""
-    scaled_start = coord_start * spatial_scale
-    scaled_end = coord_end * spatial_scale
-    first = math.floor(scaled_start + 0.5) if scaled_start >= 0 else -math.floor(-scaled_start + 0.5)
-    last = math.floor(scaled_end + 0.5) if scaled_end >= 0 else -math.floor(-scaled_end + 0.5)
-    size = int(last) - int(first) + 1
-    return int(first), size if size > 1 else 1  # (not max(): numba's CUDA target rejects max(a, b))
+def _c_round(value):
+    """C's round() of a float, exact in its type (see round_half_away), as an int."""
+    magnitude = value if value >= 0 else -value
+    whole = int(math.floor(magnitude))
+    whole = whole + 1 if magnitude - whole >= 0.5 else whole
+    return whole if value >= 0 else -whole
 
 
-def bin_range(p, roi_first, roi_size, pooled, limit):
-    """Pixels [lo, hi) of bin p of a quantized RoI along one axis, clipped to [0, limit]."""
-    bin_size = roi_size / pooled
-    lo = int(math.floor(p * bin_size)) + roi_first
-    hi = int(math.ceil((p + 1) * bin_size)) + roi_first
-    lo = 0 if lo < 0 else (limit if lo > limit else lo)
-    hi = 0 if hi < 0 else (limit if hi > limit else hi)
-    return lo, hi
+def _geometry_in(real, c_round):
+    """RoIPool's corner and bin arithmetic in the float type `real` (np.float32 or np.float64).
+
+    Every operand is cast to `real` explicitly: Numba types a Python float or an int
+    quotient as float64, which would silently do the float32 kernel's arithmetic in float64
+    (other bins than torchvision's, and half rate on a GPU). c_round is the jitted _c_round
+    of the target (CPU or CUDA) the functions are compiled for.
+    """
+
+    def quantize_roi_axis(coord_start, coord_end, spatial_scale):
+        """RoI corners along one axis -> (first pixel, size in pixels), both rounded (C's round)."""
+        scale = real(spatial_scale)
+        first = c_round(real(coord_start) * scale)
+        last = c_round(real(coord_end) * scale)
+        size = last - first + 1
+        return first, size if size > 1 else 1  # (not max(): numba's CUDA target rejects max(a, b))
+
+    def bin_range(p, roi_first, roi_size, pooled, limit):
+        """Pixels [lo, hi) of bin p of a quantized RoI along one axis, clipped to [0, limit]."""
+        bin_size = real(roi_size) / real(pooled)
+        lo = int(math.floor(real(p) * bin_size)) + roi_first
+        hi = int(math.ceil(real(p + 1) * bin_size)) + roi_first
+        lo = 0 if lo < 0 else (limit if lo > limit else lo)
+        hi = 0 if hi < 0 else (limit if hi > limit else hi)
+        return lo, hi
+
+    return quantize_roi_axis, bin_range
 
 
-_quantize_cpu = numba.njit(cache=True)(quantize_roi_axis)
-_bin_range_cpu = numba.njit(cache=True)(bin_range)
-_quantize_cuda = cuda.jit(device=True)(quantize_roi_axis)
-_bin_range_cuda = cuda.jit(device=True)(bin_range)
+def _dispatch_on_precision(single_pair, double_pair):
+    """(quantize, bin_range) taking a leading `single` flag: float32 arithmetic if set, else float64.
+    Both branches return ints, so the float type of the locals never mixes."""
+    quantize32, bin_range32 = single_pair
+    quantize64, bin_range64 = double_pair
+
+    def quantize_roi_axis(single, coord_start, coord_end, spatial_scale):
+        if single:
+            return quantize32(coord_start, coord_end, spatial_scale)
+        return quantize64(coord_start, coord_end, spatial_scale)
+
+    def bin_range(single, p, roi_first, roi_size, pooled, limit):
+        if single:
+            return bin_range32(p, roi_first, roi_size, pooled, limit)
+        return bin_range64(p, roi_first, roi_size, pooled, limit)
+
+    return quantize_roi_axis, bin_range
+
+
+def _compile_geometry(jit):
+    c_round = jit(_c_round)
+    pairs = [tuple(jit(f) for f in _geometry_in(real, c_round)) for real in (np.float32, np.float64)]
+    return tuple(jit(f) for f in _dispatch_on_precision(*pairs))
+
+
+_quantize_cpu, _bin_range_cpu = _compile_geometry(numba.njit(cache=True))
+_quantize_cuda, _bin_range_cuda = _compile_geometry(cuda.jit(device=True))
 
 # ---------------------------------------------------------------------------
 # 3. Numba CPU kernels. The forward reads the map channels-last ([N, H, W, C]) so
@@ -155,8 +217,9 @@ _unsigned = np.uint64
 
 
 @numba.njit(parallel=True, cache=True)
-def _forward_cpu(features_nhwc, rois, rois_by_image, spatial_scale, output, argmax):
-    """features_nhwc: [N, H, W, C] contiguous; rois: [K, 5] float64; output, argmax: [K, C, ph, pw] (written)."""
+def _forward_cpu(features_nhwc, rois, rois_by_image, spatial_scale, single, output, argmax):
+    """features_nhwc: [N, H, W, C] contiguous; rois: [K, 5] float64 (exact copies of float32 ones);
+    single: bin arithmetic in float32 (float32 maps); output, argmax: [K, C, ph, pw] (written)."""
     height, width, channels = features_nhwc.shape[1], features_nhwc.shape[2], features_nhwc.shape[3]
     pooled_h, pooled_w = output.shape[2], output.shape[3]
     num_bins = pooled_h * pooled_w
@@ -164,14 +227,14 @@ def _forward_cpu(features_nhwc, rois, rois_by_image, spatial_scale, output, argm
     for task in numba.prange(rois.shape[0]):  # RoIs grouped by image, so neighbours share cache
         k = rois_by_image[task]
         b = int(rois[k, 0])
-        first_x, size_x = _quantize_cpu(rois[k, 1], rois[k, 3], spatial_scale)
-        first_y, size_y = _quantize_cpu(rois[k, 2], rois[k, 4], spatial_scale)
+        first_x, size_x = _quantize_cpu(single, rois[k, 1], rois[k, 3], spatial_scale)
+        first_y, size_y = _quantize_cpu(single, rois[k, 2], rois[k, 4], spatial_scale)
         best = np.empty((num_bins, channels), output.dtype)  # [ph*pw, C]
         best_index = np.empty((num_bins, channels), argmax.dtype)
         for py in range(pooled_h):
-            row_start, row_end = _bin_range_cpu(py, first_y, size_y, pooled_h, height)
+            row_start, row_end = _bin_range_cpu(single, py, first_y, size_y, pooled_h, height)
             for px in range(pooled_w):
-                col_start, col_end = _bin_range_cpu(px, first_x, size_x, pooled_w, width)
+                col_start, col_end = _bin_range_cpu(single, px, first_x, size_x, pooled_w, width)
                 top, top_index = best[py * pooled_w + px], best_index[py * pooled_w + px]
                 empty = row_end <= row_start or col_end <= col_start
                 top[:] = 0.0 if empty else -FLT_MAX
@@ -229,7 +292,8 @@ def _numba_forward(features, rois, params):
             features_nhwc = features_nhwc.contiguous()
         rois64 = rois.detach().numpy().astype(np.float64)
         rois_by_image, _ = image_order(rois64, features.shape[0])
-        _forward_cpu(features_nhwc.numpy(), rois64, rois_by_image, spatial_scale, output.numpy(), argmax.numpy())
+        _forward_cpu(features_nhwc.numpy(), rois64, rois_by_image, spatial_scale, features.dtype == torch.float32,
+                     output.numpy(), argmax.numpy())
     return output, argmax
 
 
@@ -248,16 +312,17 @@ def _numba_backward(grad_output, rois, argmax, feature_shape):
 
 
 @cuda.jit
-def _forward_cuda(features, rois, spatial_scale, output, argmax):
+def _forward_cuda(features, rois, spatial_scale, single, output, argmax):
+    """single: bin arithmetic in float32 (float32 maps), as torchvision's kernel in its type T."""
     num_rois, channels, pooled_h, pooled_w = output.shape
     height, width = features.shape[2], features.shape[3]
     for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
         k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
         b = int(rois[k, 0])
-        first_x, size_x = _quantize_cuda(rois[k, 1], rois[k, 3], spatial_scale)
-        first_y, size_y = _quantize_cuda(rois[k, 2], rois[k, 4], spatial_scale)
-        row_lo, row_hi = _bin_range_cuda(py, first_y, size_y, pooled_h, height)
-        col_lo, col_hi = _bin_range_cuda(px, first_x, size_x, pooled_w, width)
+        first_x, size_x = _quantize_cuda(single, rois[k, 1], rois[k, 3], spatial_scale)
+        first_y, size_y = _quantize_cuda(single, rois[k, 2], rois[k, 4], spatial_scale)
+        row_lo, row_hi = _bin_range_cuda(single, py, first_y, size_y, pooled_h, height)
+        col_lo, col_hi = _bin_range_cuda(single, px, first_x, size_x, pooled_w, width)
         if row_hi <= row_lo or col_hi <= col_lo:
             output[k, c, py, px] = 0.0
             argmax[k, c, py, px] = NO_ARGMAX
@@ -289,7 +354,8 @@ def _cuda_forward(features, rois, params):
     output = torch.empty(shape, dtype=features.dtype, device=features.device)
     argmax = torch.empty(shape, dtype=ARGMAX_DTYPE, device=features.device)
     if output.numel() > 0:
-        cuda_launch(_forward_cuda, output.numel(), (features.detach(), rois.detach()), (spatial_scale,),
+        cuda_launch(_forward_cuda, output.numel(), (features.detach(), rois.detach()),
+                    (spatial_scale, features.dtype == torch.float32),
                     (output, argmax), features.device)
     return output, argmax
 
