@@ -96,15 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        from minimrcnn.engine.interrupts import TrainingInterrupted
+    from minimrcnn.engine.interrupts import TrainingInterrupted
 
-        try:
-            return _run(args)
-        except TrainingInterrupted as stop:  # the checkpoint is written; one line, no traceback
-            print(stop, file=sys.stderr)
-            return stop.exit_status
-    return _run(args)
+    # Ctrl-C or SIGTERM ends any command with one line, not a traceback: during training
+    # after the checkpoint of that iteration is written, elsewhere (data generation,
+    # evaluation, pictures) at once, since nothing there is worth saving.
+    try:
+        return _run(args)
+    except TrainingInterrupted as stop:
+        print(_interrupted_line(args, stop), file=sys.stderr)
+        return stop.exit_status
+    except KeyboardInterrupt:
+        print(f"{args.command}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, the shell's convention
+
+
+def _interrupted_line(args, stop) -> str:
+    """One line that says where training stopped and how to continue it."""
+    if args.command == "demo":  # the demo has no --resume of its own; train continues its run
+        return (f"interrupted at iteration {stop.iteration}; continue with "
+                f"python -m minimrcnn train --out {args.out} --resume")
+    return str(stop)
 
 
 def _run(args) -> int:

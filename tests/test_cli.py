@@ -89,3 +89,39 @@ def test_resume_continues_an_interrupted_run_exactly(tmp_path, tiny_shapes, monk
     assert whole["model"].keys() == resumed["model"].keys()
     for name, value in whole["model"].items():
         assert torch.equal(value, resumed["model"][name]), name
+
+
+def test_ctrl_c_in_the_demo_prints_one_line_and_how_to_continue(tmp_path, monkeypatch, capsys):
+    """Training interrupted inside the demo: no traceback, the iteration and the train command
+    that continues the run, exit status 128 + SIGINT."""
+    import signal
+
+    from minimrcnn.engine import demo as demo_module
+    from minimrcnn.engine.interrupts import TrainingInterrupted
+
+    def interrupted_demo(args):
+        raise TrainingInterrupted(41, signal.SIGINT)
+
+    monkeypatch.setattr(demo_module, "run_demo", interrupted_demo)
+    status = main(["demo", "--out", str(tmp_path / "demo")])
+    err = capsys.readouterr().err
+    assert status == 130
+    assert err.strip().splitlines() == [
+        f"interrupted at iteration 41; continue with python -m minimrcnn train --out {tmp_path / 'demo'} --resume"]
+
+
+@pytest.mark.parametrize("command", [["demo"], ["data", "shapes"]])
+def test_ctrl_c_outside_training_prints_one_line(tmp_path, monkeypatch, capsys, command):
+    """Ctrl-C while the demo evaluates or the shapes set is drawn: one line, status 130."""
+    from minimrcnn.data import shapes as shapes_module
+    from minimrcnn.engine import demo as demo_module
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_module, "run_demo", ctrl_c)
+    monkeypatch.setattr(shapes_module, "generate_shapes", ctrl_c)
+    status = main(command + ["--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status == 130
+    assert err.strip().splitlines() == [f"{command[0]}: interrupted"]
