@@ -217,3 +217,47 @@ def draw_roi_pool_vs_align(ax_pool, ax_align, feature_map, roi, output_size, sam
     points = roi_align_sample_points(roi, output_size, spatial_scale, sampling_ratio, aligned=True)
     artists += ax_align.plot(points[..., 1].ravel(), points[..., 0].ravel(), "w.", ms=4)
     return artists
+
+
+# Outcome colours of evaluation.failures: greens for what went right, warm colours for errors.
+FAILURE_COLOURS = {
+    "good": "limegreen", "correct": "limegreen", "poor_localization": "gold", "mislocalized": "gold",
+    "wrong_class": "magenta", "duplicate": "deepskyblue", "missed": "red", "background": "darkorange",
+}
+
+
+def draw_failures(ax, image, objects, detections, names: dict | None = None):
+    """Notebook 06's failure picture: an image with its objects (dashed) and detections (solid),
+    each outlined in the colour of its outcome (``FAILURE_COLOURS``) and captioned unless it
+    went right; the legend counts the outcomes shown.
+
+    objects, detections: records of ``evaluation.failures.classify_failures`` for this image
+    (boxes as COCO's [x, y, w, h]); names: category id -> name, for the captions.
+    Returns the matplotlib artists added.
+    """
+    from matplotlib.lines import Line2D
+
+    artists = [ax.imshow(_image_hwc(image))]
+    shown: dict = {}
+    for records, linestyle in ((objects, "--"), (detections, "-")):
+        for record in records:
+            outcome = record["outcome"]
+            if outcome not in FAILURE_COLOURS:
+                raise ValueError(f"outcome: expected one of {sorted(FAILURE_COLOURS)}, got {outcome!r}")
+            colour = FAILURE_COLOURS[outcome]
+            x, y, w, h = (float(v) for v in record["bbox"])
+            artists += draw_boxes(ax, [[x, y, x + w, y + h]], colour, linewidth=1.5, linestyle=linestyle)
+            if outcome not in ("good", "correct"):
+                name = names.get(record["category_id"], record["category_id"]) if names else record["category_id"]
+                artists.append(ax.text(x, y + h if linestyle == "--" else y, f"{name}: {outcome}", fontsize=6,
+                                       color="white", va="top" if linestyle == "--" else "bottom",
+                                       bbox={"facecolor": colour, "alpha": 0.7, "pad": 1, "edgecolor": "none"}))
+            key = (outcome, linestyle)
+            shown[key] = shown.get(key, 0) + 1
+    handles = [Line2D([], [], color=FAILURE_COLOURS[outcome], linestyle=linestyle,
+                      label=f"{'object' if linestyle == '--' else 'detection'} {outcome}: {count}")
+               for (outcome, linestyle), count in shown.items()]
+    if handles:
+        artists.append(ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0)))
+    ax.set_axis_off()
+    return artists

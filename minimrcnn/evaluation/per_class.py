@@ -66,29 +66,28 @@ def class_agnostic_ap(ground_truth, results, iou_type: str = "segm") -> dict:
     return dict(zip(PER_CLASS_NAMES, (float(v) for v in stats[:3])))
 
 
-def confusion_matrix(ground_truth, results, iou_type: str = "segm", iou_threshold: float = 0.5,
-                     score_thresh: float = CONFUSION_SCORE_THRESH) -> tuple[np.ndarray, list]:
-    """Counts [K + 1, K + 1] and the K category ids of rows and columns (see the module docstring).
+def image_overlaps(ground_truth, results, iou_type: str = "segm",
+                   score_thresh: float = CONFUSION_SCORE_THRESH):
+    """Per image, the IoUs of its kept detections with all its ground truth, whatever the class.
 
-    Per image, detections with score >= ``score_thresh`` (the 100 best, highest first) are
-    matched greedily to the ground truth of any class at IoU >= ``iou_threshold``. A detection
-    on a crowd region counts nowhere, and crowds are never "missed".
+    Yields ``(image_id, anns, dets, crowd, ious)`` for every image that has ground truth or a
+    detection with score >= ``score_thresh``, in image id order: ``anns`` the image's ground truth
+    (of known categories, crowds last), ``dets`` a list of ``(index into results, result)``, highest
+    score first (the 100 best), ``crowd`` [G] bool, ``ious`` [D, G] (for a crowd region,
+    intersection over the detection's area, as COCO). The shared first step of
+    ``confusion_matrix`` and ``evaluation.failures.classify_failures``.
     """
     gt = _load_json(ground_truth, "ground_truth")
     results = _load_json(results, "results")
-    category_ids = sorted(c["id"] for c in gt["categories"])
-    index_of = {c: k for k, c in enumerate(category_ids)}
-    num = len(category_ids)
+    known = {c["id"] for c in gt["categories"]}
     sizes = {image["id"]: (image["height"], image["width"]) for image in gt["images"]}
-    matrix = np.zeros((num + 1, num + 1), dtype=np.int64)
-
     gt_of_image: dict = {}
     for ann in gt["annotations"]:
-        if ann["category_id"] in index_of and ann["image_id"] in sizes:
+        if ann["category_id"] in known and ann["image_id"] in sizes:
             gt_of_image.setdefault(ann["image_id"], []).append(ann)
     dt_of_image: dict = {}
     for index, result in enumerate(results):
-        if result["category_id"] in index_of and result["score"] >= score_thresh:
+        if result["category_id"] in known and result["score"] >= score_thresh:
             dt_of_image.setdefault(result["image_id"], []).append((index, result))
 
     for image_id in sorted(set(gt_of_image) | set(dt_of_image)):
@@ -104,6 +103,23 @@ def confusion_matrix(ground_truth, results, iou_type: str = "segm", iou_threshol
             gt_regions = [list(a["bbox"]) for a in anns]
         dt_regions = [_result_region(r, i, iou_type, sizes[image_id])[0] for i, r in dets]
         ious = compute_ious(dt_regions, gt_regions, list(crowd.astype(int)))  # [D, G]
+        yield image_id, anns, dets, crowd, ious
+
+
+def confusion_matrix(ground_truth, results, iou_type: str = "segm", iou_threshold: float = 0.5,
+                     score_thresh: float = CONFUSION_SCORE_THRESH) -> tuple[np.ndarray, list]:
+    """Counts [K + 1, K + 1] and the K category ids of rows and columns (see the module docstring).
+
+    Per image, detections with score >= ``score_thresh`` (the 100 best, highest first) are
+    matched greedily to the ground truth of any class at IoU >= ``iou_threshold``. A detection
+    on a crowd region counts nowhere, and crowds are never "missed".
+    """
+    gt = _load_json(ground_truth, "ground_truth")
+    category_ids = sorted(c["id"] for c in gt["categories"])
+    index_of = {c: k for k, c in enumerate(category_ids)}
+    num = len(category_ids)
+    matrix = np.zeros((num + 1, num + 1), dtype=np.int64)
+    for _, anns, dets, crowd, ious in image_overlaps(gt, results, iou_type, score_thresh):
         matched = match_detections(ious, crowd, crowd, iou_threshold)  # [D], -1: none
         for (_, result), g in zip(dets, matched):
             predicted = index_of[result["category_id"]]
@@ -143,4 +159,4 @@ def format_per_class_table(per_class: dict, agnostic: dict, overall: dict, names
 
 
 __all__ = ["CONFUSION_SCORE_THRESH", "class_agnostic_ap", "confusion_matrix", "format_per_class_table",
-           "merge_categories", "per_category_ap"]
+           "image_overlaps", "merge_categories", "per_category_ap"]
