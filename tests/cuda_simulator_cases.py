@@ -71,8 +71,67 @@ def record_cases(seed: int = 0) -> dict:
             dtype_edges.append({"features": ramp.to(dtype), "rois": rois, "spatial_scale": spatial_scale,
                                 "output": output, "argmax": argmax})
     return {"roi_align": align_cases, "roi_pool": pool_cases, "empty": empty, "gradcheck": gradcheck,
-            "roi_pool_dtype_edges": dtype_edges, "nms": record_nms_cases(),
+            "roi_pool_dtype_edges": dtype_edges, "nms": record_nms_cases(), "roi_align_levels": record_levels_cases(),
             "outside_on_inf_map": roi_align(infinite, outside, 2, 1.0, 2, backend="cuda")}
+
+
+def levels_inputs(dtype=torch.float64, seed: int = 3) -> dict:
+    """Tiny inputs of roi_align_levels: three maps of different sizes and image counts (the
+    pooler's FPN levels, or a batch's mask images), RoIs spread over them, and a pooler's
+    pyramid ([2, 2, 16, 16] at stride 4 down to [2, 2, 2, 2] at stride 32, plus a stride-64 map)."""
+    from minimrcnn.ops.roi_align import random_rois
+
+    generator = torch.Generator().manual_seed(seed)
+    maps = [torch.randn(2, 2, 6, 7, generator=generator, dtype=dtype),
+            torch.randn(3, 2, 3, 4, generator=generator, dtype=dtype),
+            torch.randn(1, 2, 2, 2, generator=generator, dtype=dtype)]
+    scales = (1.0, 0.5, 0.25)
+    rois = random_rois(generator, 9, 1, 6, 7, 1.0, dtype)  # batch index 0: valid on every map
+    roi_levels = torch.tensor([0, 1, 2, 1, 0, 2, 1, 1, 0])
+    rois[roi_levels == 1, 0] = torch.tensor([2.0, 1.0, 0.0, 2.0], dtype=dtype)  # this map holds 3 images
+    pyramid = [torch.randn(2, 2, 64 // 2**level, 64 // 2**level, generator=generator, dtype=dtype)
+               for level in (2, 3, 4, 5, 6)]
+    corner = torch.rand(8, 2, generator=generator, dtype=torch.float64) * 40
+    size = torch.tensor([8.0, 20, 60, 80, 150, 200, 300, 500], dtype=torch.float64)[:, None]
+    boxes = torch.cat([corner, corner + size], dim=1)
+    pooler_rois = torch.cat([torch.tensor([0.0, 1, 0, 1, 1, 0, 1, 0])[:, None], boxes], dim=1).to(dtype)
+    return {"maps": maps, "scales": scales, "rois": rois, "roi_levels": roi_levels,
+            "pyramid": pyramid, "pooler_rois": pooler_rois}
+
+
+def record_levels_cases() -> dict:
+    """roi_align_levels on the CUDA backend (one launch for all maps) beside roi_align's per-map
+    CUDA calls; float32 and float64, aligned or not; a bf16 pyramid; a pooler's one-launch path;
+    and a float64 gradcheck over all three maps."""
+    from minimrcnn.modeling.poolers import MultiScaleRoIPooler
+    from minimrcnn.ops.roi_align import roi_align, roi_align_levels
+
+    cases = []
+    # (two cases, not four: the simulator pays ~0.3 ms a thread)
+    for dtype, aligned, sampling_ratio in ((torch.float32, True, 2), (torch.float64, False, -1)):
+        inputs = levels_inputs(dtype)
+        leaves = [m.clone().requires_grad_() for m in inputs["maps"]]
+        output = roi_align_levels(leaves, inputs["rois"], inputs["roi_levels"], 2, inputs["scales"],
+                                  sampling_ratio, aligned, backend="cuda")
+        output.backward(torch.ones_like(output))
+        per_map = torch.zeros_like(output)
+        for level, (level_map, scale) in enumerate(zip(inputs["maps"], inputs["scales"])):
+            rows = inputs["roi_levels"] == level
+            per_map[rows] = roi_align(level_map, inputs["rois"][rows], 2, scale, sampling_ratio, aligned,
+                                      backend="cuda")
+        cases.append({"dtype": dtype, "aligned": aligned, "sampling_ratio": sampling_ratio,
+                      "output": output.detach(), "per_map": per_map, "grads": [m.grad for m in leaves]})
+    inputs = levels_inputs(torch.float64)
+    pooler = MultiScaleRoIPooler(2, (2, 3, 4, 5, 6), "align", sampling_ratio=2)
+    pooled = pooler.pool_all_levels(inputs["pyramid"], inputs["pooler_rois"], backend="cuda")
+    bf16 = [m.to(torch.bfloat16) for m in inputs["pyramid"]]
+    pooled_bf16 = pooler.pool_all_levels(bf16, inputs["pooler_rois"].float(), backend="cuda")
+    leaves = [m.clone().requires_grad_() for m in inputs["maps"]]
+    gradcheck = torch.autograd.gradcheck(
+        lambda *maps: roi_align_levels(list(maps), inputs["rois"], inputs["roi_levels"], 2, inputs["scales"], 2,
+                                       backend="cuda"),
+        tuple(leaves), fast_mode=True, raise_exception=False)
+    return {"cases": cases, "pooled": pooled, "pooled_bf16": pooled_bf16, "gradcheck": gradcheck}
 
 
 def nms_cases() -> list[dict]:
@@ -133,7 +192,7 @@ def record_nms_cases() -> dict:
 
 
 @functools.lru_cache(maxsize=None)  # deterministic, and a few seconds per run: once per session
-def run_under_simulator(timeout: float = 300) -> dict:
+def run_under_simulator(timeout: float = 900) -> dict:  # a hang guard; a loaded 2-core machine takes minutes
     """record_cases() in a subprocess under NUMBA_ENABLE_CUDASIM=1."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "cases.pt"

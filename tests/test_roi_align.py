@@ -308,15 +308,21 @@ def test_cuda_kernels_compile_for_a_real_gpu(monkeypatch):
     for dtype in (types.float32, types.float64):
         features, rois = types.Array(dtype, 4, "A"), types.Array(dtype, 2, "A")
         argmax = types.Array(types.int32, 4, "A")
-        align_args = (features, rois, types.float64, types.int64, types.boolean, features)
         for kernel, args in (
-            (roi_align_module._forward_cuda, align_args),
-            (roi_align_module._backward_cuda, align_args),
             (roi_pool_module._forward_cuda, (features, rois, types.float64, types.boolean, features, argmax)),
             (roi_pool_module._backward_cuda, (features, rois, argmax, features)),
         ):
             ptx, _ = cuda.compile_ptx(kernel.py_func, types.void(*args), cc=(9, 0))
             assert ".entry" in ptx
+    # RoIAlign's kernels, with the very signatures they are launched with (LazyKernel)
+    for dtype, kernels in roi_align_module.CUDA_KERNELS.items():
+        for kernel in kernels:
+            ptx, _ = cuda.compile_ptx(kernel.py_func, kernel.signature, cc=(9, 0))
+            assert ".entry" in ptx
+            if dtype == torch.float32:
+                # float32 all through: no float64 register, load, conversion or arithmetic
+                # (a Python-float accumulator such as `total = 0.0` would bring them back)
+                assert ".f64" not in ptx, kernel
 
 
 class _FakeDevice:

@@ -17,6 +17,7 @@ is written or a time budget's planner times a few iterations.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import random
 import signal
@@ -126,14 +127,16 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.SGD:
 
 
 def build_train_loader(dataset, config: Config, sampler, device: torch.device):
-    from minimrcnn.data import collate
+    from minimrcnn.data.prepare import collate_for_training
     from minimrcnn.data.transforms import ColorJitter, Compose, RandomHorizontalFlip
 
     transform = RandomHorizontalFlip(config.hflip_prob) if config.hflip_prob > 0 else None
     if config.color_jitter > 0:  # after the flip, so that runs without jitter draw as before
         transform = Compose([t for t in (transform, ColorJitter(config.color_jitter)) if t is not None])
     return torch.utils.data.DataLoader(
-        SeededSamples(dataset, transform), batch_sampler=sampler, collate_fn=collate,
+        # targets checked and freed of crowds and empty boxes here, on the CPU (in the workers)
+        SeededSamples(dataset, transform), batch_sampler=sampler,
+        collate_fn=functools.partial(collate_for_training, num_classes=config.num_classes),
         num_workers=config.num_workers, persistent_workers=config.num_workers > 0,
         pin_memory=device.type == "cuda")
 

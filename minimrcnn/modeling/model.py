@@ -54,8 +54,24 @@ def validate_images(images) -> None:
             raise TypeError(f"images[{index}]: expected a float image in [0, 1], got {image.dtype}")
 
 
-def validate_targets(images: list[torch.Tensor], targets, num_classes: int) -> None:
-    """Raise a ValueError/TypeError naming the image index and field of the first bad target."""
+# The mark of targets prepared on the CPU by minimrcnn.data.prepare (crowds and empty boxes
+# dropped, values checked there): the model then skips the checks and the filtering that would
+# read device values back. (The key is spelled here too: modeling does not import data.)
+PREPARED = "prepared"
+
+
+def targets_prepared(targets) -> bool:
+    """True when every target carries the ``prepared`` mark (and MINIMRCNN_DEBUG_CHECKS is off)."""
+    from minimrcnn.ops import _validate
+
+    return (not _validate.DEBUG_CHECKS and isinstance(targets, (list, tuple)) and bool(targets)
+            and all(isinstance(t, dict) and t.get(PREPARED) is True for t in targets))
+
+
+def validate_targets(images: list[torch.Tensor], targets, num_classes: int, check_values: bool = True) -> None:
+    """Raise a ValueError/TypeError naming the image index and field of the first bad target.
+
+    check_values=False checks the structure only (fields, shapes, dtypes: no device reads)."""
     if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
         raise ValueError(f"targets: expected a list of {len(images)} dicts (one per image), "
                          f"got {type(targets).__name__} of length {len(targets) if hasattr(targets, '__len__') else '?'}")
@@ -86,6 +102,8 @@ def validate_targets(images: list[torch.Tensor], targets, num_classes: int) -> N
             raise TypeError(f"{where}['masks']: expected uint8 or bool, got {masks.dtype}")
         if "iscrowd" in target and target["iscrowd"].shape != (num_objects,):
             raise ValueError(f"{where}['iscrowd']: expected [{num_objects}], got {tuple(target['iscrowd'].shape)}")
+    if not check_values:
+        return
     # The values of the whole batch in one read-back (one device sync instead of three per
     # image); only a batch with a bad value is searched image by image for the message.
     boxes = torch.cat([target["boxes"].detach() for target in targets])
@@ -200,7 +218,8 @@ class MaskRCNN(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("targets: required in training mode (call model.eval() or predict())")
-            validate_targets(images, targets, self.config.num_classes)
+            prepared = targets_prepared(targets)  # checked and filtered on the CPU already
+            validate_targets(images, targets, self.config.num_classes, check_values=not prepared)
             if self.semantic_head is not None:
                 validate_semantic_targets(images, targets, self.semantic_head.num_classes)
         batch = self.preprocess(images)
@@ -210,7 +229,7 @@ class MaskRCNN(nn.Module):
             sem_segs = [target["sem_seg"] for target in targets] if semantic_logits is not None else None
             # Padded per batch with a validity mask (crowds and empty boxes invalid): the
             # batched twin of training_targets, so the heads run once per batch.
-            ground_truth = pad_ground_truth(targets, batch.scales)
+            ground_truth = pad_ground_truth(targets, batch.scales, drop_crowd_and_empty=not prepared)
             proposals, rpn_losses = self.rpn(features, batch.image_sizes, ground_truth)
             _, roi_losses = self.roi_heads(features, proposals, batch.image_sizes, ground_truth)
             losses = {**rpn_losses, **roi_losses}

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from minimrcnn.modeling.fpn import feature_levels_of
-from minimrcnn.ops.roi_align import roi_align
+from minimrcnn.ops.roi_align import roi_align, roi_align_levels
 from minimrcnn.ops.roi_pool import roi_pool
 from minimrcnn.ops.roi_warp import roi_warp
 
@@ -171,6 +171,8 @@ class MultiScaleRoIPooler(nn.Module):
         size = self.output_size
         if rois.shape[0] == 0:
             return features[0].new_zeros((0, num_channels, size, size))
+        if self.roi_op == "align" and rois.is_cuda:
+            return self.pool_all_levels(features, rois)
         roi_levels = self.assign_levels(rois[:, 1:])
         # Group the RoIs by level with one stable sort, and read the group sizes back once
         # (one host-device sync per call instead of one ``nonzero`` per level).
@@ -194,6 +196,19 @@ class MultiScaleRoIPooler(nn.Module):
         # index_select, not pooled[inverse]: its backward is a plain index_add, several
         # times faster on CPU than advanced indexing's accumulating index_put.
         return pooled.index_select(0, inverse)
+
+    def pool_all_levels(self, features: list[torch.Tensor], rois: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        """RoIAlign of every RoI from its level in one op call: on CUDA one kernel launch for all
+        levels, with no grouping by level and no read-back of the group sizes (what ``forward``
+        does on CUDA). The same numbers as ``forward``'s per-level calls.
+
+        features: one [N, C, Hl, Wl] per entry of ``feature_levels``; rois: [R, 5] -> [R, C, S, S].
+        """
+        maps = [features[self.feature_levels.index(level)] for level in self.roi_levels]
+        level_index = self.assign_levels(rois[:, 1:]) - self.roi_levels[0]  # consecutive levels
+        return roi_align_levels(maps, rois, level_index, self.output_size,
+                                tuple(1.0 / 2**level for level in self.roi_levels),
+                                sampling_ratio=self.sampling_ratio, aligned=self.aligned, backend=backend)
 
 
 def build_pooler(config, output_size: int, feature_levels: tuple[int, ...] | None = None):

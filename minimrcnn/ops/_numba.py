@@ -1,5 +1,5 @@
 """Numba set-up; imported by the kernel modules before any kernel is compiled. It also
-holds the few pieces both kernel modules share: cuda_launch, unravel_cell, image_order.
+holds the few pieces the kernel modules share: LazyKernel, cuda_launch, unravel_cell, image_order.
 
 Three defaults of Numba get in the way of ordinary use of this package, so we change them,
 unless the user chose otherwise through Numba's own environment variables:
@@ -84,37 +84,98 @@ def configure():
 
 CONFIGURED = configure()
 
-from numba import cuda  # noqa: E402  (after configure(): the first import reads the variables)
+import numba  # noqa: E402  (after configure(): the first import reads the variables)
+from numba import cuda  # noqa: E402
 
 CUDA_THREADS_PER_BLOCK = 256
 CUDA_MAX_BLOCKS = 65535  # the kernels loop over the grid (grid-stride), so any size fits
 
 
+class LazyKernel:
+    """A numba.cuda kernel compiled for one signature, once, on its first launch.
+
+    ``cuda.jit(signature)`` compiles eagerly and gives a *specialized* dispatcher: a launch
+    goes straight to the one compiled kernel, without typing its arguments again (with a
+    plain ``cuda.jit`` every launch types every argument to look its overload up). Eager
+    compilation needs a CUDA device to compile for, so it waits for the first launch
+    instead of import time: the package imports on machines without a GPU. Under the
+    simulator ``cuda.jit(signature)`` ignores the signature and runs the Python function.
+
+    py_func: the kernel's Python function; signature: a numba signature (``void(...)``)
+    whose array arguments are C-contiguous, which ``cuda_launch`` guarantees.
+    """
+
+    def __init__(self, py_func, signature):
+        self.py_func = py_func
+        self.signature = signature
+        self._dispatcher = None
+
+    @property
+    def dispatcher(self):
+        if self._dispatcher is None:
+            self._dispatcher = cuda.jit(self.signature)(self.py_func)
+        return self._dispatcher
+
+    def __repr__(self):
+        return f"LazyKernel({self.py_func.__name__}, {self.signature})"
+
+
+def c_array(dtype, ndim):
+    """The numba type of a C-contiguous array (what ``cuda_launch`` hands a kernel)."""
+    return numba.types.Array(numba.from_dtype(np.dtype(dtype)), ndim, "C")
+
+
+# numba Stream objects for torch's streams, keyed by (device index, stream handle): one
+# wrapper per stream for the life of the process instead of a new one per launch.
+_EXTERNAL_STREAMS = {}
+
+
+def numba_stream_of(torch_stream, device_index):
+    """The numba wrapper of a torch CUDA stream (cached by its handle)."""
+    key = (device_index, torch_stream.cuda_stream)
+    stream = _EXTERNAL_STREAMS.get(key)
+    if stream is None:
+        stream = _EXTERNAL_STREAMS[key] = cuda.external_stream(torch_stream.cuda_stream)
+    return stream
+
+
 def cuda_launch(kernel, num_threads, inputs, scalars, outputs, device):
     """Run kernel(*inputs, *scalars, *outputs) over `num_threads` cells.
 
-    CUDA tensors are handed over without host copies, through __cuda_array_interface__
-    (a non-contiguous input gets one contiguous copy on the device), and the kernel
-    runs on torch's current stream, so it is ordered with torch's own work. Under the
-    CUDA simulator (CPU tensors) they go as NumPy views.
+    kernel: a LazyKernel (or a plain ``cuda.jit`` dispatcher). CUDA tensors are handed over
+    without host copies, through __cuda_array_interface__ (a non-contiguous input gets one
+    contiguous copy on the device; outputs must be contiguous), and the kernel runs on
+    torch's current stream, so it is ordered with torch's own work. Under the CUDA simulator
+    (CPU tensors) they go as NumPy views.
     """
     # a small launch gets a small block: the simulator runs every thread, even idle ones
-    threads_per_block = min(CUDA_THREADS_PER_BLOCK, num_threads)
-    blocks = max(1, min(-(-num_threads // threads_per_block), CUDA_MAX_BLOCKS))
-    # contiguous inputs: the simulator copies only contiguous arrays, and on a GPU the
-    # threads of a warp then read neighbouring addresses (a no-op when already contiguous)
+    threads_per_block = CUDA_THREADS_PER_BLOCK if num_threads > CUDA_THREADS_PER_BLOCK else num_threads
+    blocks = -(-num_threads // threads_per_block)
+    blocks = 1 if blocks < 1 else (CUDA_MAX_BLOCKS if blocks > CUDA_MAX_BLOCKS else blocks)
+    # contiguous inputs: a LazyKernel is compiled for C-contiguous arrays (and on a GPU the
+    # threads of a warp then read neighbouring addresses); a no-op when already contiguous
     tensors = tuple(t.contiguous() for t in inputs) + tuple(outputs)
+    for t in outputs:
+        if not t.is_contiguous():
+            raise ValueError("cuda_launch: outputs must be contiguous (the kernels index them as C arrays)")
+    dispatcher = kernel.dispatcher if isinstance(kernel, LazyKernel) else kernel
     if device.type == "cuda":
         import torch
 
         # sync=False: no wait on the producer's stream, as we run on that same stream
         arrays = [cuda.as_cuda_array(t, sync=False) for t in tensors]
-        with cuda.gpus[device.index]:
-            stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
-            kernel[blocks, threads_per_block, stream](*arrays[: len(inputs)], *scalars, *arrays[len(inputs) :])
+        stream = numba_stream_of(torch.cuda.current_stream(device), device.index)
+        if device.index == torch.cuda.current_device():
+            # numba launches in the thread's current CUDA context, which is torch's current
+            # device's primary context: no context switch needed
+            dispatcher[blocks, threads_per_block, stream](*arrays[: len(inputs)], *scalars, *arrays[len(inputs):])
+        else:
+            with cuda.gpus[device.index]:
+                dispatcher[blocks, threads_per_block, stream](*arrays[: len(inputs)], *scalars,
+                                                              *arrays[len(inputs):])
     else:
         arrays = [t.numpy() for t in tensors]
-        kernel[blocks, threads_per_block](*arrays[: len(inputs)], *scalars, *arrays[len(inputs) :])
+        dispatcher[blocks, threads_per_block](*arrays[: len(inputs)], *scalars, *arrays[len(inputs):])
 
 
 @cuda.jit(device=True)

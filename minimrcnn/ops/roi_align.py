@@ -19,6 +19,7 @@ shared by CPU and CUDA -> 3. Numba CPU kernels -> 4. numba.cuda kernels -> 5. di
 against the reference (also of the CUDA kernels under the simulator).
 """
 
+import functools
 import math
 
 import numba
@@ -28,7 +29,7 @@ from numba import cuda
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from minimrcnn.ops._numba import cuda_launch, image_order, unravel_cell  # first: Numba set-up
+from minimrcnn.ops._numba import LazyKernel, c_array, cuda_launch, image_order, unravel_cell  # first: Numba set-up
 from minimrcnn.ops._validate import (
     check_cuda_backend,
     check_features_and_rois,
@@ -195,8 +196,6 @@ def linear_interpolation_1d(coord, size):
 
 _roi_geometry_cpu = numba.njit(cache=True)(roi_geometry)
 _interp_cpu = numba.njit(cache=True)(linear_interpolation_1d)
-_roi_geometry_cuda = cuda.jit(device=True)(roi_geometry)
-_interp_cuda = cuda.jit(device=True)(linear_interpolation_1d)
 
 # ---------------------------------------------------------------------------
 # 3. Numba CPU kernels. Features are read channels-last ([N, H, W, C]) so that
@@ -391,84 +390,225 @@ def _numba_backward(grad_output, rois, feature_shape, params):
 # 4. CUDA kernels (numba.cuda): one thread per output cell; the backward adds
 #    with atomics, as several RoIs may read the same pixel. Under
 #    NUMBA_ENABLE_CUDASIM=1 the same kernels run, slowly, on CPU arrays.
+#
+#    One kernel serves one map and several (the FPN levels of a pooler, or the
+#    mask images of a batch): the maps travel as one flat buffer, level l's
+#    [N_l, C, H_l, W_l] block at offset level_table[l, 0], and each RoI carries
+#    its level index. A pooler then launches once for all levels.
+#
+#    The kernels exist once per float type and do all their arithmetic in it:
+#    numba types a Python float literal (0.0, 0.5) and an int-float product as
+#    float64, which would make a float32 kernel compute in float64 (half rate or
+#    worse on a GPU). Every operand is cast to `real` explicitly, as torchvision's
+#    kernel computes in its type T.
 # ---------------------------------------------------------------------------
 
-@cuda.jit
-def _forward_cuda(features, rois, spatial_scale, sampling_ratio, aligned, output):
-    """features: [N, C, H, W]; rois: [K, 5]; output: [K, C, ph, pw] (written)."""
-    num_rois, channels, pooled_h, pooled_w = output.shape
-    height, width = features.shape[2], features.shape[3]
-    for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
-        k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
-        b = int(rois[k, 0])
-        start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry_cuda(
-            rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
-        )
-        total = 0.0
-        for iy in range(grid_h):
-            y_low, y_high, wy_low, wy_high = _interp_cuda(start_y + py * bin_h + (iy + 0.5) * bin_h / grid_h, height)
-            if wy_low == 0.0 and wy_high == 0.0:
-                continue  # samples outside the map add nothing (and 0 * inf would be NaN)
-            for ix in range(grid_w):
-                x_low, x_high, wx_low, wx_high = _interp_cuda(
-                    start_x + px * bin_w + (ix + 0.5) * bin_w / grid_w, width
-                )
-                if wx_low == 0.0 and wx_high == 0.0:
-                    continue
-                total += (
-                    wy_low * (wx_low * features[b, c, y_low, x_low] + wx_high * features[b, c, y_low, x_high])
-                    + wy_high * (wx_low * features[b, c, y_high, x_low] + wx_high * features[b, c, y_high, x_high])
-                )
-        output[k, c, py, px] = total / count
+LEVEL_TABLE_COLUMNS = 3  # (offset of the level's block in the flat buffer, H_l, W_l)
 
 
-@cuda.jit
-def _backward_cuda(grad_output, rois, spatial_scale, sampling_ratio, aligned, grad_features):
-    """grad_output: [K, C, ph, pw]; grad_features: [N, C, H, W] zeros (atomically accumulated into)."""
-    num_rois, channels, pooled_h, pooled_w = grad_output.shape
-    height, width = grad_features.shape[2], grad_features.shape[3]
-    for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
-        k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
-        b = int(rois[k, 0])
-        start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry_cuda(
-            rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
-        )
-        grad = grad_output[k, c, py, px] / count
-        for iy in range(grid_h):
-            y_low, y_high, wy_low, wy_high = _interp_cuda(start_y + py * bin_h + (iy + 0.5) * bin_h / grid_h, height)
-            if wy_low == 0.0 and wy_high == 0.0:
-                continue  # samples outside the map: no gradient (and no atomics on pixel 0)
-            for ix in range(grid_w):
-                x_low, x_high, wx_low, wx_high = _interp_cuda(
-                    start_x + px * bin_w + (ix + 0.5) * bin_w / grid_w, width
-                )
-                if wx_low == 0.0 and wx_high == 0.0:
-                    continue
-                cuda.atomic.add(grad_features, (b, c, y_low, x_low), grad * wy_low * wx_low)
-                cuda.atomic.add(grad_features, (b, c, y_low, x_high), grad * wy_low * wx_high)
-                cuda.atomic.add(grad_features, (b, c, y_high, x_low), grad * wy_high * wx_low)
-                cuda.atomic.add(grad_features, (b, c, y_high, x_high), grad * wy_high * wx_high)
+def _cuda_helpers_in(real):
+    """roi_geometry and linear_interpolation_1d with every operand and constant in `real`."""
+
+    def geometry(roi_x1, roi_y1, roi_x2, roi_y2, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned):
+        offset = real(0.5) if aligned else real(0.0)
+        start_x = roi_x1 * spatial_scale - offset
+        start_y = roi_y1 * spatial_scale - offset
+        roi_w = roi_x2 * spatial_scale - offset - start_x
+        roi_h = roi_y2 * spatial_scale - offset - start_y
+        if not aligned:  # (conditional expressions: numba's CUDA target rejects max(a, b))
+            roi_w = roi_w if roi_w > real(1.0) else real(1.0)
+            roi_h = roi_h if roi_h > real(1.0) else real(1.0)
+        bin_h = roi_h / real(pooled_h)
+        bin_w = roi_w / real(pooled_w)
+        grid_h = sampling_ratio if sampling_ratio > 0 else int(math.ceil(bin_h))
+        grid_w = sampling_ratio if sampling_ratio > 0 else int(math.ceil(bin_w))
+        count = grid_h * grid_w if grid_h * grid_w > 1 else 1
+        return start_y, start_x, bin_h, bin_w, grid_h, grid_w, count
+
+    def interpolation(coord, size):
+        if not (coord >= real(-1.0) and coord <= real(size)):  # negated so that NaN lands here
+            return 0, 0, real(0.0), real(0.0)
+        if coord < real(0.0):
+            coord = real(0.0)
+        low = int(coord)
+        if low >= size - 1:
+            return size - 1, size - 1, real(1.0), real(0.0)
+        frac = coord - real(low)
+        return low, low + 1, real(1.0) - frac, frac
+
+    def sample(start, p, bin_size, i, grid):
+        """Coordinate of sample i of bin p along one axis (torchvision's order of operations)."""
+        return start + real(p) * bin_size + (real(i) + real(0.5)) * bin_size / real(grid)
+
+    return geometry, interpolation, sample
 
 
-def _cuda_forward(features, rois, params):
-    (pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned = params
-    output = torch.empty((rois.shape[0], features.shape[1], pooled_h, pooled_w), dtype=features.dtype,
-                         device=features.device)
+def _cuda_kernels_in(real):
+    """The (forward, backward) Python functions of the CUDA kernels in float type `real`."""
+    geometry, interpolation, sample = (cuda.jit(device=True)(f) for f in _cuda_helpers_in(real))
+
+    def forward(features, level_table, level_scales, rois, roi_levels, sampling_ratio, aligned, output):
+        """features: [T] flat maps; level_table: [L, 3] int64; level_scales: [L]; rois: [K, 5];
+        roi_levels: [K] int64 in [0, L); output: [K, C, ph, pw] (written)."""
+        num_rois, channels, pooled_h, pooled_w = output.shape
+        for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
+            k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
+            level = roi_levels[k]
+            height, width = level_table[level, 1], level_table[level, 2]
+            plane = level_table[level, 0] + (int(rois[k, 0]) * channels + c) * height * width
+            start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = geometry(
+                rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], pooled_h, pooled_w, level_scales[level],
+                sampling_ratio, aligned,
+            )
+            total = real(0.0)
+            for iy in range(grid_h):
+                y_low, y_high, wy_low, wy_high = interpolation(sample(start_y, py, bin_h, iy, grid_h), height)
+                if wy_low == real(0.0) and wy_high == real(0.0):
+                    continue  # samples outside the map add nothing (and 0 * inf would be NaN)
+                row_low, row_high = plane + y_low * width, plane + y_high * width
+                for ix in range(grid_w):
+                    x_low, x_high, wx_low, wx_high = interpolation(sample(start_x, px, bin_w, ix, grid_w), width)
+                    if wx_low == real(0.0) and wx_high == real(0.0):
+                        continue
+                    total += (
+                        wy_low * (wx_low * features[row_low + x_low] + wx_high * features[row_low + x_high])
+                        + wy_high * (wx_low * features[row_high + x_low] + wx_high * features[row_high + x_high])
+                    )
+            output[k, c, py, px] = total / real(count)
+
+    def backward(grad_output, level_table, level_scales, rois, roi_levels, sampling_ratio, aligned, grad_features):
+        """grad_output: [K, C, ph, pw]; grad_features: [T] flat zeros (atomically accumulated into)."""
+        num_rois, channels, pooled_h, pooled_w = grad_output.shape
+        for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
+            k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
+            level = roi_levels[k]
+            height, width = level_table[level, 1], level_table[level, 2]
+            plane = level_table[level, 0] + (int(rois[k, 0]) * channels + c) * height * width
+            start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = geometry(
+                rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], pooled_h, pooled_w, level_scales[level],
+                sampling_ratio, aligned,
+            )
+            grad = grad_output[k, c, py, px] / real(count)
+            for iy in range(grid_h):
+                y_low, y_high, wy_low, wy_high = interpolation(sample(start_y, py, bin_h, iy, grid_h), height)
+                if wy_low == real(0.0) and wy_high == real(0.0):
+                    continue  # samples outside the map: no gradient (and no atomics on pixel 0)
+                row_low, row_high = plane + y_low * width, plane + y_high * width
+                for ix in range(grid_w):
+                    x_low, x_high, wx_low, wx_high = interpolation(sample(start_x, px, bin_w, ix, grid_w), width)
+                    if wx_low == real(0.0) and wx_high == real(0.0):
+                        continue
+                    cuda.atomic.add(grad_features, row_low + x_low, grad * wy_low * wx_low)
+                    cuda.atomic.add(grad_features, row_low + x_high, grad * wy_low * wx_high)
+                    cuda.atomic.add(grad_features, row_high + x_low, grad * wy_high * wx_low)
+                    cuda.atomic.add(grad_features, row_high + x_high, grad * wy_high * wx_high)
+
+    return forward, backward
+
+
+def _cuda_signature(real):
+    """void(cells [T] or [K, C, ph, pw], level_table, level_scales, rois, roi_levels, sampling_ratio,
+    aligned, out): the forward's; the backward swaps the first and last array types."""
+    flat, table, rois = c_array(real, 1), c_array(np.int64, 2), c_array(real, 2)
+    cells, levels = c_array(real, 4), c_array(np.int64, 1)
+    tail = (table, flat, rois, levels, numba.types.int64, numba.types.boolean)
+    return numba.types.void(flat, *tail, cells), numba.types.void(cells, *tail, flat)
+
+
+def _compile_cuda_kernels():
+    kernels = {}
+    for dtype, real in ((torch.float32, np.float32), (torch.float64, np.float64)):
+        forward, backward = _cuda_kernels_in(real)
+        forward_signature, backward_signature = _cuda_signature(real)
+        kernels[dtype] = (LazyKernel(forward, forward_signature), LazyKernel(backward, backward_signature))
+    return kernels
+
+
+CUDA_KERNELS = _compile_cuda_kernels()  # torch dtype -> (forward, backward) LazyKernels
+# Maps in another float type (bf16/fp16 under autocast) are read into a float32 buffer.
+CUDA_COMPUTE_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64,
+                       torch.bfloat16: torch.float32, torch.float16: torch.float32}
+
+
+def _level_table(shapes, device):
+    """[L, 3] int64 (offset, H_l, W_l) of maps of these [N_l, C, H_l, W_l] shapes, on `device`;
+    and the flat size T. Cached: the pyramid has the same shapes every step."""
+    return _cached_level_table(tuple(tuple(shape) for shape in shapes), device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_level_table(shapes, device):
+    rows, offset = [], 0
+    for num_images, channels, height, width in shapes:
+        rows.append((offset, height, width))
+        offset += num_images * channels * height * width
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, LEVEL_TABLE_COLUMNS).to(device), offset
+
+
+@functools.lru_cache(maxsize=64)
+def _level_scales(spatial_scales, dtype, device):
+    """[L] spatial scales in the kernel's float type, on `device` (cached)."""
+    return torch.tensor(spatial_scales, dtype=dtype).to(device)
+
+
+def _flat_maps(features, dtype):
+    """L maps [N_l, C, H_l, W_l] -> one flat [T] buffer of `dtype`, each map contiguous (NCHW) at
+    its level's offset. One map already contiguous in `dtype` is only viewed; otherwise every map
+    is copied once, and a bf16 map is cast to float32 in that same copy."""
+    if all(f.dtype == dtype and f.is_contiguous() for f in features):
+        return features[0].reshape(-1) if len(features) == 1 else torch.cat([f.reshape(-1) for f in features])
+    flat = torch.empty(sum(f.numel() for f in features), dtype=dtype, device=features[0].device)
+    offset = 0
+    for f in features:
+        flat[offset:offset + f.numel()].view(f.shape).copy_(f)
+        offset += f.numel()
+    return flat
+
+
+def _cuda_forward_levels(features, rois, roi_levels, params):
+    """features: L maps; rois: [K, 5]; roi_levels: [K] int64 -> [K, C, ph, pw] in the compute dtype."""
+    (pooled_h, pooled_w), spatial_scales, sampling_ratio, aligned = params
+    dtype, device = CUDA_COMPUTE_DTYPES[features[0].dtype], features[0].device
+    output = torch.empty((rois.shape[0], features[0].shape[1], pooled_h, pooled_w), dtype=dtype, device=device)
     if output.numel() > 0:
-        scalars = (spatial_scale, sampling_ratio, aligned)
-        cuda_launch(_forward_cuda, output.numel(), (features.detach(), rois.detach()), scalars, (output,),
-                    features.device)
+        table, _ = _level_table([f.shape for f in features], device)
+        inputs = (_flat_maps([f.detach() for f in features], dtype), table,
+                  _level_scales(spatial_scales, dtype, device), rois.detach().to(dtype), roi_levels)
+        cuda_launch(CUDA_KERNELS[dtype][0], output.numel(), inputs, (sampling_ratio, aligned), (output,), device)
     return output
 
 
-def _cuda_backward(grad_output, rois, feature_shape, params):
-    _, spatial_scale, sampling_ratio, aligned = params
-    grad_features = torch.zeros(feature_shape, dtype=grad_output.dtype, device=grad_output.device)
+def _cuda_backward_levels(grad_output, rois, roi_levels, feature_shapes, params):
+    """-> one gradient per level map, [N_l, C, H_l, W_l] views of one flat buffer (compute dtype)."""
+    _, spatial_scales, sampling_ratio, aligned = params
+    dtype, device = grad_output.dtype, grad_output.device
+    table, total = _level_table(feature_shapes, device)
+    grad_flat = torch.zeros(total, dtype=dtype, device=device)
     if grad_output.numel() > 0:
-        scalars = (spatial_scale, sampling_ratio, aligned)
-        cuda_launch(_backward_cuda, grad_output.numel(), (grad_output.detach().contiguous(), rois.detach()), scalars,
-                    (grad_features,), grad_output.device)
-    return grad_features
+        inputs = (grad_output.detach(), table, _level_scales(spatial_scales, dtype, device), rois.detach().to(dtype),
+                  roi_levels)
+        cuda_launch(CUDA_KERNELS[dtype][1], grad_output.numel(), inputs, (sampling_ratio, aligned), (grad_flat,),
+                    device)
+    grads, offset = [], 0
+    for shape in feature_shapes:
+        size = math.prod(shape)
+        grads.append(grad_flat[offset:offset + size].view(shape))
+        offset += size
+    return grads
+
+
+def _cuda_forward(features, rois, params):
+    output_size, spatial_scale, sampling_ratio, aligned = params
+    roi_levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
+    return _cuda_forward_levels([features], rois, roi_levels, (output_size, (spatial_scale,), sampling_ratio, aligned))
+
+
+def _cuda_backward(grad_output, rois, feature_shape, params):
+    output_size, spatial_scale, sampling_ratio, aligned = params
+    roi_levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
+    (grad,) = _cuda_backward_levels(grad_output, rois, roi_levels, [feature_shape],
+                                    (output_size, (spatial_scale,), sampling_ratio, aligned))
+    return grad
 
 
 # ---------------------------------------------------------------------------
@@ -563,6 +703,142 @@ class RoIAlign(nn.Module):
             f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
             f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, backend={self.backend!r}"
         )
+
+
+# ---------------------------------------------------------------------------
+# 6b. Several maps at once: each RoI pooled from its own map (an FPN pooler's
+#     levels, a batch's mask images). On CUDA one kernel launch for all maps;
+#     on CPU one call of the single-map kernels per map, exactly as
+#     roi_align(features[l], rois[roi_levels == l], ...) would compute it.
+# ---------------------------------------------------------------------------
+
+
+def _per_map_forward(forward_fn):
+    """A multi-map forward from a single-map one: one call per map on that map's RoIs (CPU)."""
+
+    def forward(features, rois, roi_levels, params):
+        output_size, spatial_scales, sampling_ratio, aligned = params
+        output = features[0].new_zeros((rois.shape[0], features[0].shape[1], *output_size))
+        for level, (level_features, spatial_scale) in enumerate(zip(features, spatial_scales)):
+            rows = torch.nonzero(roi_levels == level).flatten()
+            if rows.numel() > 0:
+                output[rows] = forward_fn(level_features, rois[rows], (output_size, spatial_scale, sampling_ratio,
+                                                                       aligned))
+        return output
+
+    return forward
+
+
+def _per_map_backward(backward_fn):
+    def backward(grad_output, rois, roi_levels, feature_shapes, params):
+        output_size, spatial_scales, sampling_ratio, aligned = params
+        grads = []
+        for level, (shape, spatial_scale) in enumerate(zip(feature_shapes, spatial_scales)):
+            rows = torch.nonzero(roi_levels == level).flatten()
+            if rows.numel() == 0:
+                grads.append(grad_output.new_zeros(shape))
+                continue
+            grads.append(backward_fn(grad_output[rows], rois[rows], shape,
+                                     (output_size, spatial_scale, sampling_ratio, aligned)))
+        return grads
+
+    return backward
+
+
+_LEVEL_BACKENDS = {
+    "reference": (_per_map_forward(_reference_forward), _per_map_backward(_reference_backward)),
+    "numba": (_per_map_forward(_numba_forward), _per_map_backward(_numba_backward)),
+    "cuda": (_cuda_forward_levels, _cuda_backward_levels),
+}
+
+
+class _RoIAlignLevelsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rois, roi_levels, params, backend, *features):
+        ctx.save_for_backward(rois, roi_levels)
+        ctx.params, ctx.backend = params, backend
+        ctx.feature_shapes = [tuple(f.shape) for f in features]
+        ctx.feature_dtypes = [f.dtype for f in features]
+        forward_fn, _ = _LEVEL_BACKENDS[backend]
+        return forward_fn(list(features), rois, roi_levels, params)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        rois, roi_levels = ctx.saved_tensors
+        _, backward_fn = _LEVEL_BACKENDS[ctx.backend]
+        grads = backward_fn(grad_output.contiguous(), rois, roi_levels, ctx.feature_shapes, ctx.params)
+        # (a map read in bf16 gets its gradient back in bf16, as a cast of the map would give it)
+        return (None, None, None, None, *(g.to(dtype) for g, dtype in zip(grads, ctx.feature_dtypes)))
+
+
+def _check_levels(features, rois, roi_levels, spatial_scales, backend):
+    """The arguments of roi_align_levels; returns the float type the kernels compute in."""
+    if not isinstance(features, (list, tuple)) or not features:
+        raise TypeError(f"features must be a non-empty list of [N_l, C, H_l, W_l] tensors, got {features!r}")
+    if not all(isinstance(f, torch.Tensor) for f in features):
+        raise TypeError("features must hold torch.Tensors only")
+    first = features[0]
+    on_cuda_backend = backend == "cuda" or (backend == "auto" and first.is_cuda)
+    allowed = tuple(CUDA_COMPUTE_DTYPES) if on_cuda_backend else (torch.float32, torch.float64)
+    for level, f in enumerate(features):
+        if f.dim() != 4:
+            raise ValueError(f"features[{level}] must be [N, C, H, W], got shape {tuple(f.shape)}")
+        if f.dtype not in allowed:
+            raise TypeError(f"features[{level}] must be one of {allowed}, got {f.dtype}")
+        if (f.dtype, f.device, f.shape[1]) != (first.dtype, first.device, first.shape[1]):
+            raise ValueError(f"features[{level}] ({f.dtype}, {f.device}, {f.shape[1]} channels) must match "
+                             f"features[0] ({first.dtype}, {first.device}, {first.shape[1]} channels)")
+    if len(spatial_scales) != len(features):
+        raise ValueError(f"spatial_scales: expected {len(features)} (one per map), got {len(spatial_scales)}")
+    if not isinstance(rois, torch.Tensor) or not rois.is_floating_point():
+        raise TypeError(f"rois must be a float tensor, got {type(rois).__name__}")
+    if rois.dim() != 2 or rois.shape[1] != 5:
+        raise ValueError(f"rois must be [K, 5] rows (batch_index, x1, y1, x2, y2), got shape {tuple(rois.shape)}")
+    if not isinstance(roi_levels, torch.Tensor) or roi_levels.dtype != torch.int64:
+        raise TypeError("roi_levels must be an int64 tensor")
+    if roi_levels.shape != (rois.shape[0],):
+        raise ValueError(f"roi_levels must be [K] (one per RoI, K = {rois.shape[0]}), got {tuple(roi_levels.shape)}")
+    for name, tensor in (("rois", rois), ("roi_levels", roi_levels)):
+        if tensor.device != first.device:
+            raise ValueError(f"{name} are on {tensor.device} but features are on {first.device}")
+    if first.device.type == "cpu" and rois.shape[0] > 0:  # values: read only where reading is free
+        values, levels = rois.detach().numpy(), roi_levels.numpy()
+        if not np.isfinite(values).all():
+            raise ValueError("rois must hold finite coordinates (found NaN or inf)")
+        if levels.min() < 0 or levels.max() >= len(features):
+            raise ValueError(f"roi_levels must hold map indices in [0, {len(features)})")
+        batch_index, num_images = values[:, 0], np.array([f.shape[0] for f in features])[levels]
+        bad = np.nonzero((batch_index < 0) | (batch_index >= num_images) | (batch_index != np.floor(batch_index)))[0]
+        if bad.size > 0:
+            raise ValueError(f"rois[{bad[0]}, 0] (batch index {batch_index[bad[0]]:g}) must be an integer in "
+                             f"[0, {num_images[bad[0]]}) (the images of features[{levels[bad[0]]}])")
+    compute = CUDA_COMPUTE_DTYPES[first.dtype]
+    return compute
+
+
+def roi_align_levels(features, rois, roi_levels, output_size, spatial_scales, sampling_ratio=-1, aligned=True,
+                     backend="auto"):
+    """RoIAlign of each RoI on its own map: RoI k is pooled from features[roi_levels[k]] at
+    spatial_scales[roi_levels[k]]. On CUDA one kernel launch for all maps (a pooler's FPN levels).
+
+    features: L tensors [N_l, C, H_l, W_l] (same C, dtype and device; on CUDA also bf16/fp16,
+        read into float32 as the maps are gathered, so no separate cast of the maps)
+    rois: [K, 5] (batch_index into its own map, x1, y1, x2, y2); roi_levels: [K] int64 in [0, L)
+    spatial_scales: L numbers; output_size, sampling_ratio, aligned, backend: as roi_align's
+    Returns: [K, C, ph, pw] in float32/float64 (the maps' type; float32 for bf16/fp16 maps),
+    row k equal to roi_align(features[l], rois[k:k+1], output_size, spatial_scales[l], ...).
+    """
+    pooled = output_size_pair(output_size)
+    spatial_scales = tuple(check_spatial_scale(scale) for scale in spatial_scales)
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, (int, np.integer)):
+        raise TypeError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
+    compute = _check_levels(features, rois, roi_levels, spatial_scales, backend)
+    backend = resolve_backend(backend, features[0])
+    if backend == "cuda":
+        check_cuda_backend(features[0].device)
+    params = (pooled, spatial_scales, int(sampling_ratio), bool(aligned))
+    return _RoIAlignLevelsFunction.apply(rois.detach().to(compute), roi_levels, params, backend, *features)
 
 
 # ---------------------------------------------------------------------------
