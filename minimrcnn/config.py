@@ -201,7 +201,11 @@ _register(
         frozen_stages=0,
         norm="bn",
         channels_last=True,
-        fpn_channels=64,
+        # 32 FPN channels and a 32-channel mask head: on 2 cores the budget buys iterations, and the
+        # mask head's convolutions over every foreground RoI were the largest cost of a step. At the
+        # main job's budget this gave +16 segm AP on a hexagon variant over 64/64, and more on
+        # the default set (bench/RESULTS.md, "... a recipe that generalizes").
+        fpn_channels=32,
         fpn_levels=(2, 3, 4, 5),
         anchor_sizes=(12, 24, 48, 96),
         rpn_batch_size_per_image=128,
@@ -213,7 +217,7 @@ _register(
         roi_canonical_size=56,
         roi_canonical_level=4,
         box_head_dim=256,
-        mask_head_dim=64,
+        mask_head_dim=32,
         mask_head_num_convs=2,
         # 14 x 14 masks (no deconvolution): a cell is at most 4 pixels of a shape here, and at
         # equal wall-clock time on 2 cores it gave +10 segm AP over 28 x 28 (bench/RESULTS.md).
@@ -232,8 +236,9 @@ _register(
 
 # The same models with Panoptic FPN's semantic branch, trained jointly with the instance heads
 # (the main job uses these). Shapes has 2 stuff categories (sky, ground).
-#  - semantic_channels: the paper's 128 sits beside 256 FPN channels; shapes-cpu's FPN has 64,
-#    so the branch is scaled by the same quarter to 32 (the paper saw 64/128/256 nearly equal).
+#  - semantic_channels: the paper's 128 is half of its 256 FPN channels; shapes-cpu's branch keeps
+#    32, as wide as its FPN (the paper saw 64/128/256 nearly equal, and 16 would save little: the
+#    branch is about a tenth of a step).
 #  - panoptic_stuff_area_thresh: Detectron2's 4096 pixels is 1.3 % of a 640 x 480 COCO image but a
 #    quarter of a 128 x 128 shapes image, and 5 % of the true sky/ground regions of shapes train are
 #    smaller than 3835 pixels (the smallest: 864). 256 pixels (1/64 of the image, about COCO's
