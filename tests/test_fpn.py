@@ -104,7 +104,7 @@ def test_two_extra_levels():
 def test_build_fpn_from_config():
     config = get_config("shapes-cpu")
     fpn = build_fpn(config, [16, 32, 64, 128])
-    assert fpn.levels == (2, 3, 4, 5) and fpn.out_channels == 64
+    assert fpn.levels == (2, 3, 4, 5) and fpn.out_channels == config.fpn_channels == 32
     full = build_fpn(dataclasses.replace(config, fpn_levels=(2, 3, 4, 5, 6), fpn_channels=32), [16, 32, 64, 128])
     assert full.strides == [4, 8, 16, 32, 64] and full.out_channels == 32
 

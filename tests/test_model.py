@@ -184,8 +184,10 @@ def test_overfits_a_few_shapes_images(tiny_shapes, one_thread):
     start = sum(history[0].values())
     end = sum(sum(step.values()) for step in history[-10:]) / 10
     assert end < start / 10, (history[0], history[-1])
-    for name in LOSS_NAMES:
-        assert sum(step[name] for step in history[-10:]) / 10 < history[0][name], name
+    for name in LOSS_NAMES:  # against each loss's early peak: the box loss starts near zero
+        # (few proposals overlap an object before the RPN learns) and rises before it falls
+        early = max(step[name] for step in history[:10])
+        assert sum(step[name] for step in history[-10:]) / 10 < early, name
     best_ious = []  # per ground-truth object: its best same-class confident detection
     for prediction, target in zip(model.predict(images), targets):
         confident = prediction["scores"] > 0.5
