@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--threads", type=int, default=None, help="torch threads per run")
     ablate.add_argument("--nice", type=int, default=0, help="niceness of each run's process")
     ablate.add_argument("--val-limit", type=int, default=None, help="evaluate on the first N val images only")
+    ablate.add_argument("--jobs", type=int, default=1, help="runs at a time, each pinned to its share of the CPUs")
     return parser
 
 

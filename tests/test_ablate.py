@@ -98,3 +98,27 @@ def test_direction_rule():
                                        "val_limit": None},
                           "runs": {}})
     assert empty.count("not run") == len(ROWS)
+
+
+def test_parallel_jobs_pin_each_run_to_its_own_cpus(tmp_path, tiny_shapes, monkeypatch):
+    monkeypatch.setattr(ablate_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert ablate_module.cpu_slots(2) == [{0, 1}, {2, 3}]
+    assert ablate_module.cpu_slots(1) == [None] and ablate_module.cpu_slots(5) == [None] * 5
+    with pytest.raises(ValueError, match="jobs"):
+        ablate("unused", iterations=3, jobs=0)
+
+    calls = []
+    real_run = ablate_module._run_in_child
+    monkeypatch.setattr(ablate_module, "cpu_slots", lambda jobs: [None] * jobs)  # this machine may have 1 CPU
+
+    def recorded(spec_path, result_path, log_path, nice, cpus):
+        calls.append(spec_path.parent.name)
+        return real_run(spec_path, result_path, log_path, nice, cpus)
+
+    monkeypatch.setattr(ablate_module, "_run_in_child", recorded)
+    state = ablate(tmp_path / "table", seeds=2, only=["baseline"], iterations=2, base_config=tiny_base(tmp_path),
+                   data_root=str(tiny_shapes), threads=1, val_limit=2, jobs=2, progress=lambda message: None)
+    assert sorted(calls) == sorted(state["runs"]) == ["baseline-s0", "baseline-s1"]
+    assert "| baseline | 2 |" in (tmp_path / "table" / "table.md").read_text()
+    args = build_parser().parse_args(["ablate", "--iterations", "5", "--jobs", "2"])
+    assert args.jobs == 2

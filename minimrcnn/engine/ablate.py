@@ -3,6 +3,7 @@ on the same data, at the same budget, over several seeds, in one resumable table
 
     python -m minimrcnn ablate --iterations 200 --seeds 3 --out runs/ablate
     python -m minimrcnn ablate --time-budget 8 --seeds 3 --only baseline,roipool
+    python -m minimrcnn ablate --iterations 600 --seeds 3 --jobs 2 --threads 1   # two runs at a time
 
 Each run is ``train()`` in a child process (so that its peak memory is its own), in
 ``OUT/runs/<row>-s<seed>/``. ``OUT/runs.json`` holds the settings and every finished run; a
@@ -21,6 +22,7 @@ if |t| < 2, else "no". A rough two-sample criterion for 3 seeds, not a significa
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -96,11 +98,19 @@ def _child_main(argv: list[str]) -> None:
     Path(spec["result"]).write_text(json.dumps(record))
 
 
-def _run_in_child(spec_path: Path, result_path: Path, log_path: Path, nice: int) -> dict:
+def _run_in_child(spec_path: Path, result_path: Path, log_path: Path, nice: int, cpus=None) -> dict:
+    """Run one spec in a child process (niced, and pinned to ``cpus`` when given); returns its record."""
     command = [sys.executable, "-m", "minimrcnn.engine.ablate", str(spec_path)]
+
+    def set_up_child():
+        if nice:
+            os.nice(nice)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   preexec_fn=(lambda: os.nice(nice)) if nice else None)
+                                   preexec_fn=set_up_child if (nice or cpus) else None)
         code = process.wait()
     if code != 0 or not result_path.is_file():
         tail = log_path.read_text()[-2000:] if log_path.is_file() else ""
@@ -124,6 +134,16 @@ def _write_json(path: Path, value) -> None:
     temporary.replace(path)  # atomic: an interrupt never leaves half a file
 
 
+def cpu_slots(jobs: int) -> list:
+    """CPU sets of ``jobs`` parallel runs: this process's CPUs dealt out in equal blocks, or
+    [None] (no pinning) for one job or when there are fewer CPUs than jobs."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if jobs == 1 or len(cpus) < jobs:
+        return [None] * jobs
+    share = len(cpus) // jobs
+    return [set(cpus[i * share:(i + 1) * share]) for i in range(jobs)]
+
+
 def first_val_images(data_root, limit: int, out_dir: Path) -> tuple[str, str]:
     """(image folder, annotation file) of the first ``limit`` val images (by id) of a shapes set:
     a cheaper evaluation for short proxy runs (an untrained model sends 100 detections per image
@@ -143,10 +163,15 @@ def first_val_images(data_root, limit: int, out_dir: Path) -> tuple[str, str]:
 
 def ablate(out_dir, seeds: int = 3, only=None, iterations: int | None = None, time_budget: float | None = None,
            base_config: str = "shapes-cpu", data_root: str = "data/shapes", device: str | None = None,
-           threads: int | None = None, nice: int = 0, val_limit: int | None = None, progress=print) -> dict:
+           threads: int | None = None, nice: int = 0, val_limit: int | None = None, jobs: int = 1,
+           progress=print) -> dict:
     """Run (or continue) the table; returns the state ({"settings", "runs"}) also kept in OUT/runs.json.
 
     ``val_limit``: evaluate every run on the first that many val images only (None: all).
+    ``jobs``: runs at a time. With jobs > 1 each run is pinned to its own share of this
+    process's CPUs (give ``threads`` = CPUs / jobs): two 1-thread runs on two cores keep
+    their speed, two unpinned runs fight over both. Results do not depend on ``jobs`` with
+    ``iterations``; with ``time_budget`` a run gets the iterations its share of CPU allows.
     """
     if (iterations is None) == (time_budget is None):
         raise ValueError("give exactly one of iterations (fixed count) and time_budget (minutes per run)")
@@ -165,6 +190,9 @@ def ablate(out_dir, seeds: int = 3, only=None, iterations: int | None = None, ti
     state_path = out_dir / "runs.json"
     state = _load_state(state_path, settings)
     val_images, val_annotations = first_val_images(data_root, val_limit, out_dir) if val_limit else (None, None)
+    if jobs < 1:
+        raise ValueError(f"jobs: expected at least 1, got {jobs}")
+    pending = []
     for seed in range(seeds):  # seed-major: a short interruption leaves every row with some seeds
         for name in names:
             key = f"{name}-s{seed}"
@@ -180,14 +208,34 @@ def ablate(out_dir, seeds: int = 3, only=None, iterations: int | None = None, ti
                              "iterations": iterations, "time_budget": time_budget, "device": device,
                              "threads": threads, "val_images": val_images, "val_annotations": val_annotations},
                     "result": str(run_dir / "result.json")}
-            spec_path = run_dir / "spec.json"
-            spec_path.write_text(json.dumps(spec))
-            progress(f"ablate: {key} ...")
-            record = _run_in_child(spec_path, run_dir / "result.json", run_dir / "log.txt", nice)
-            state["runs"][key] = {"row": name, "seed": seed, **record}
-            _write_json(state_path, state)
-            (out_dir / "table.md").write_text(format_table(state, names))
-            progress(f"ablate: {key} segm AP {record['segm_AP']:.3f} in {record['train_seconds']:.0f} s")
+            (run_dir / "spec.json").write_text(json.dumps(spec))
+            pending.append((key, name, seed, run_dir))
+
+    def finished(key, name, seed, record):  # in this thread only: one writer of runs.json
+        state["runs"][key] = {"row": name, "seed": seed, **record}
+        _write_json(state_path, state)
+        (out_dir / "table.md").write_text(format_table(state, names))
+        progress(f"ablate: {key} segm AP {record['segm_AP']:.3f} in {record['train_seconds']:.0f} s")
+
+    slots = cpu_slots(jobs)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        free = list(range(jobs))
+        running = {}
+        for key, name, seed, run_dir in pending:
+            if len(running) == jobs:  # wait for a slot
+                done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    slot, *done_run = running.pop(future)
+                    free.append(slot)
+                    finished(*done_run, future.result())
+            slot = free.pop(0)
+            progress(f"ablate: {key} ..." + (f" (CPUs {sorted(slots[slot])})" if slots[slot] else ""))
+            future = pool.submit(_run_in_child, run_dir / "spec.json", run_dir / "result.json", run_dir / "log.txt",
+                                 nice, slots[slot])
+            running[future] = (slot, key, name, seed)
+        for future in concurrent.futures.as_completed(list(running)):
+            _, *done_run = running.pop(future)
+            finished(*done_run, future.result())
     (out_dir / "table.md").write_text(format_table(state, names))
     return state
 
@@ -294,7 +342,7 @@ def ablate_from_args(args) -> dict:
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
     state = ablate(args.out, seeds=args.seeds, only=only, iterations=args.iterations, time_budget=args.time_budget,
                    base_config=args.config, data_root=args.data, device=args.device, threads=args.threads,
-                   nice=args.nice, val_limit=args.val_limit)
+                   nice=args.nice, val_limit=args.val_limit, jobs=args.jobs)
     print((Path(args.out) / "table.md").read_text())
     return state
 
@@ -304,4 +352,4 @@ if __name__ == "__main__":  # the child process of one run
 
 
 __all__ = ["ROWS", "ablate", "ablate_from_args", "direction_verdict", "format_table", "mean_std", "row_changes",
-           "run_one", "table_rows"]
+           "cpu_slots", "run_one", "table_rows"]

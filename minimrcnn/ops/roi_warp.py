@@ -32,9 +32,13 @@ Semantics (RoIAlign's, REFERENCE.md, with two switches):
         no samples (an empty RoI when aligned) is 0. The gradient goes to the four pixels
         of the winning sample, with its bilinear weights (none for an outside sample).
 
-The helpers below repeat RoIAlign's geometry on purpose instead of importing the
-kernel internals of roi_align.py: that file's internals change independently, and
-tests/test_roi_warp.py pins this op to roi_align for quantize=False, reduction="avg".
+Since only the corners are rounded, RoIWarp (ave) *is* RoIAlign on the rounded corners
+at spatial_scale 1; the "numba" and "cuda" backends run it that way, on roi_align's
+fast kernels (``quantized_rois`` below). The kernels of this file serve the max
+reduction. Their helpers repeat RoIAlign's geometry on purpose instead of importing
+the kernel internals of roi_align.py, which change independently; the NumPy
+reference covers all four combinations, and tests/test_roi_warp.py pins every
+backend to it.
 
 The file reads top to bottom: 1. NumPy reference (the spec) -> 2. scalar helpers
 shared by CPU and CUDA -> 3. Numba CPU kernels -> 4. numba.cuda kernels -> 5. dispatch
@@ -51,6 +55,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from minimrcnn.ops._numba import cuda_launch, image_order, unravel_cell  # first: Numba set-up
+from minimrcnn.ops.roi_align import roi_align
 from minimrcnn.ops._validate import (
     check_cuda_backend,
     check_features_and_rois,
@@ -534,8 +539,21 @@ def roi_warp(features, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, 
     backend = resolve_backend(backend, features)
     if backend == "cuda":
         check_cuda_backend(features.device)
+    if reduction == "avg" and backend != "reference":
+        # RoIWarp (ave) is RoIAlign on rounded corners at scale 1: the fast RoIAlign kernels do it
+        if quantize:
+            rois, spatial_scale = quantized_rois(rois, spatial_scale), 1.0
+        return roi_align(features, rois, pooled, spatial_scale, int(sampling_ratio), bool(aligned), backend)
     params = (pooled, spatial_scale, int(sampling_ratio), bool(aligned), bool(quantize), reduction)
     return _RoIWarpFunction.apply(features, rois, params, backend)
+
+
+def quantized_rois(rois, spatial_scale):
+    """rois: [K, 5] -> [K, 5] with each corner round(x * spatial_scale) (C rounding, halves away from
+    zero, in float64 as the kernels round), in feature-map coordinates and the rois' dtype."""
+    scaled = rois[:, 1:].double() * spatial_scale
+    rounded = torch.where(scaled >= 0, torch.floor(scaled + 0.5), -torch.floor(-scaled + 0.5))
+    return torch.cat([rois[:, :1], rounded.to(rois.dtype)], dim=1)
 
 
 class RoIWarp(nn.Module):
@@ -562,4 +580,4 @@ class RoIWarp(nn.Module):
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
 
 
-__all__ = ["RoIWarp", "roi_warp", "roi_warp_reference", "roi_warp_backward_reference", "warp_geometry"]
+__all__ = ["RoIWarp", "quantized_rois", "roi_warp", "roi_warp_reference", "roi_warp_backward_reference", "warp_geometry"]
