@@ -180,6 +180,25 @@ def test_mask_targets_batched_equal_per_image():
     assert torch.equal(got, expected)
 
 
+def test_mask_targets_batched_equal_per_image_when_mask_sizes_differ():
+    """Images of other sizes: each image's masks are their own map (roi_align_levels)."""
+    generator = torch.Generator().manual_seed(11)
+    targets = random_targets([3, 2, 0, 2], generator, with_crowd_and_empty=False)
+    targets[1]["masks"] = targets[1]["masks"][:, : SIZE // 2, : SIZE - 7].contiguous()  # H, W differ
+    targets[3]["masks"] = targets[3]["masks"][:, 5:, :].contiguous()
+    scales = [(1.5, 1.5), (0.75, 1.0), (1.0, 1.0), (1.25, 0.5)]
+    ground_truth = batched.pad_ground_truth(targets, scales)
+    image_index = torch.tensor([0, 0, 1, 1, 1, 3, 3])
+    matched = torch.tensor([2, 0, 1, 0, 1, 1, 0])
+    boxes = random_boxes(7, generator, size=80)
+    got = batched.mask_targets_batched(ground_truth, image_index, boxes, matched, 12)
+    expected = torch.cat([
+        mask_targets_for_image(targets[n]["masks"], boxes[image_index == n], matched[image_index == n], 12, scales[n])
+        for n in (0, 1, 3)])
+    assert got.shape == (7, 12, 12) and got.sum() > 0
+    assert torch.equal(got, expected)
+
+
 def test_roi_losses_batched_equal_per_image_when_sampling_takes_everything():
     """With a sample size above every candidate count both samplers take all candidates,
     so the batched losses must equal the per-image ones (up to summation order)."""

@@ -70,9 +70,4 @@ def collate_for_training(batch, num_classes: int | None = None):
     return list(images), prepared
 
 
-def is_prepared(targets) -> bool:
-    """True when every target carries the ``prepared`` mark."""
-    return bool(targets) and all(isinstance(t, dict) and t.get(PREPARED) is True for t in targets)
-
-
-__all__ = ["PREPARED", "collate_for_training", "is_prepared", "prepare_training_target"]
+__all__ = ["PREPARED", "collate_for_training", "prepare_training_target"]

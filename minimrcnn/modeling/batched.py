@@ -359,35 +359,36 @@ def sample_rois_batched(proposals: list[torch.Tensor], ground_truth: BatchGround
 
 def mask_targets_batched(ground_truth: BatchGroundTruth, image_index: torch.Tensor, boxes: torch.Tensor,
                          matched_gt: torch.Tensor, resolution: int) -> torch.Tensor:
-    """``mask_targets_for_image`` for the foreground RoIs of a whole batch.
+    """``mask_targets_for_image`` for the foreground RoIs of a whole batch, in one RoIAlign call.
 
     image_index: [F] (ascending); boxes: [F, 4] in model coordinates; matched_gt: [F]
     indices into each image's masks -> [F, M, M] float32 in {0, 1}. With every image's masks
-    the same size, one RoIAlign call samples all of them; otherwise one per image.
+    the same size they are one stack of maps; otherwise each image's masks are a map of their
+    own, and ``roi_align_levels`` pools RoI f from its image's (one CUDA launch either way).
     """
-    from minimrcnn.modeling.masks import MASK_TARGET_THRESHOLD, mask_targets_for_image
-    from minimrcnn.ops.roi_align import roi_align
+    from minimrcnn.modeling.masks import MASK_TARGET_THRESHOLD
+    from minimrcnn.ops.roi_align import roi_align, roi_align_levels
 
     if boxes.shape[0] == 0:
         return boxes.new_zeros((0, resolution, resolution), dtype=torch.float32)
     masks = ground_truth.masks
+    device = boxes.device
+    scale = host_to_device([[sx, sy, sx, sy] for sx, sy in ground_truth.mask_scales],
+                           torch.float32, device)[image_index]
+    boxes = boxes.detach().to(torch.float32) / scale  # into each image's mask pixels
     if len({tuple(m.shape[-2:]) for m in masks}) > 1:
-        counts = torch.bincount(image_index, minlength=len(masks)).tolist()
-        return torch.cat([
-            mask_targets_for_image(image_masks, image_boxes, image_matched, resolution, scale)
-            for image_masks, image_boxes, image_matched, scale in zip(
-                masks, boxes.split(counts), matched_gt.split(counts), ground_truth.mask_scales)
-        ])
+        maps = [image_masks[:, None].to(torch.float32) for image_masks in masks]  # (G_n, 1, H_n, W_n)
+        rois = torch.cat([matched_gt[:, None].to(torch.float32), boxes], dim=1)
+        resampled = roi_align_levels(maps, rois, image_index, resolution, [1.0] * len(maps), sampling_ratio=0,
+                                     aligned=True)
+        return (resampled[:, 0] >= MASK_TARGET_THRESHOLD).to(torch.float32)
     offsets, total = [], 0
     for image_masks in masks:
         offsets.append(total)
         total += image_masks.shape[0]
-    device = boxes.device
     first_mask = host_to_device(offsets, torch.int64, device)[image_index] + matched_gt
     mask_images = torch.cat(list(masks))[:, None].to(torch.float32)  # (sum G, 1, H, W)
-    scale = host_to_device([[sx, sy, sx, sy] for sx, sy in ground_truth.mask_scales],
-                           torch.float32, device)[image_index]
-    rois = torch.cat([first_mask[:, None].to(torch.float32), boxes.detach().to(torch.float32) / scale], dim=1)
+    rois = torch.cat([first_mask[:, None].to(torch.float32), boxes], dim=1)
     resampled = roi_align(mask_images, rois, resolution, spatial_scale=1.0, sampling_ratio=0, aligned=True)
     return (resampled[:, 0] >= MASK_TARGET_THRESHOLD).to(torch.float32)
 
