@@ -31,7 +31,7 @@ from numba import cuda
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from minimrcnn.ops._numba import cuda_launch, image_order, unravel_cell  # first: Numba set-up
+from minimrcnn.ops._numba import LazyKernel, c_array, cuda_launch, image_order, unravel_cell  # first: Numba set-up
 from minimrcnn.ops._validate import (
     check_cuda_backend,
     check_features_and_rois,
@@ -152,8 +152,8 @@ def _geometry_in(real, c_round):
 
     Every operand is cast to `real` explicitly: Numba types a Python float or an int
     quotient as float64, which would silently do the float32 kernel's arithmetic in float64
-    (other bins than torchvision's, and half rate on a GPU). c_round is the jitted _c_round
-    of the target (CPU or CUDA) the functions are compiled for.
+    (other bins than torchvision's, and half rate on a GPU). c_round is a C round jitted for
+    the target the functions are compiled for: _c_round on CPU, _c_round_in(real) on CUDA.
     """
 
     def quantize_roi_axis(coord_start, coord_end, spatial_scale):
@@ -201,8 +201,7 @@ def _compile_geometry(jit):
     return tuple(jit(f) for f in _dispatch_on_precision(*pairs))
 
 
-_quantize_cpu, _bin_range_cpu = _compile_geometry(numba.njit(cache=True))
-_quantize_cuda, _bin_range_cuda = _compile_geometry(cuda.jit(device=True))
+_quantize_cpu, _bin_range_cpu = _compile_geometry(numba.njit(cache=True))  # (the CUDA kernels': section 4)
 
 # ---------------------------------------------------------------------------
 # 3. Numba CPU kernels. The forward reads the map channels-last ([N, H, W, C]) so
@@ -308,44 +307,88 @@ def _numba_backward(grad_output, rois, argmax, feature_shape):
 
 # ---------------------------------------------------------------------------
 # 4. CUDA kernels (numba.cuda): one thread per output cell; atomics in backward.
+#    One kernel per float type, with all its arithmetic in that type: the
+#    float32 kernel's corners and bin edges are float32's, as torchvision's
+#    kernel computes them in its type T (and a float32 kernel has no float64
+#    operation; numba would type a Python float literal or an int-float mix as
+#    float64). Compiled once per type for its launch signature (LazyKernel).
 # ---------------------------------------------------------------------------
 
 
-@cuda.jit
-def _forward_cuda(features, rois, spatial_scale, single, output, argmax):
-    """single: bin arithmetic in float32 (float32 maps), as torchvision's kernel in its type T."""
-    num_rois, channels, pooled_h, pooled_w = output.shape
-    height, width = features.shape[2], features.shape[3]
-    for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
-        k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
-        b = int(rois[k, 0])
-        first_x, size_x = _quantize_cuda(single, rois[k, 1], rois[k, 3], spatial_scale)
-        first_y, size_y = _quantize_cuda(single, rois[k, 2], rois[k, 4], spatial_scale)
-        row_lo, row_hi = _bin_range_cuda(single, py, first_y, size_y, pooled_h, height)
-        col_lo, col_hi = _bin_range_cuda(single, px, first_x, size_x, pooled_w, width)
-        if row_hi <= row_lo or col_hi <= col_lo:
-            output[k, c, py, px] = 0.0
-            argmax[k, c, py, px] = NO_ARGMAX
-            continue
-        best, best_index = -FLT_MAX, NO_ARGMAX
-        for row in range(row_lo, row_hi):
-            for col in range(col_lo, col_hi):
-                if features[b, c, row, col] > best:
-                    best, best_index = features[b, c, row, col], row * width + col
-        output[k, c, py, px] = best
-        argmax[k, c, py, px] = best_index
+def _c_round_in(real):
+    """_c_round with its constants and its subtraction in `real` (the same integer: for a
+    value of type `real`, magnitude - floor(magnitude) is exact in that type)."""
+
+    def c_round(value):
+        magnitude = value if value >= real(0.0) else -value
+        whole = int(math.floor(magnitude))
+        whole = whole + 1 if magnitude - real(whole) >= real(0.5) else whole
+        return whole if value >= real(0.0) else -whole
+
+    return c_round
 
 
-@cuda.jit
-def _backward_cuda(grad_output, rois, argmax, grad_features):
-    num_rois, channels, pooled_h, pooled_w = grad_output.shape
-    width = grad_features.shape[3]
-    for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
-        k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
-        pixel = argmax[k, c, py, px]
-        if pixel != NO_ARGMAX:
-            row, col = pixel // width, pixel % width
-            cuda.atomic.add(grad_features, (int(rois[k, 0]), c, row, col), grad_output[k, c, py, px])
+def _cuda_kernels_in(real):
+    """The (forward, backward) Python functions of the CUDA kernels in float type `real`."""
+    quantize_roi_axis, bin_range = (
+        cuda.jit(device=True)(f) for f in _geometry_in(real, cuda.jit(device=True)(_c_round_in(real)))
+    )
+
+    def forward(features, rois, spatial_scale, output, argmax):
+        """features: [N, C, H, W]; rois: [K, 5]; spatial_scale: `real`; output, argmax: [K, C, ph, pw]
+        (written)."""
+        num_rois, channels, pooled_h, pooled_w = output.shape
+        height, width = features.shape[2], features.shape[3]
+        for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
+            k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
+            b = int(rois[k, 0])
+            first_x, size_x = quantize_roi_axis(rois[k, 1], rois[k, 3], spatial_scale)
+            first_y, size_y = quantize_roi_axis(rois[k, 2], rois[k, 4], spatial_scale)
+            row_lo, row_hi = bin_range(py, first_y, size_y, pooled_h, height)
+            col_lo, col_hi = bin_range(px, first_x, size_x, pooled_w, width)
+            if row_hi <= row_lo or col_hi <= col_lo:
+                output[k, c, py, px] = real(0.0)
+                argmax[k, c, py, px] = NO_ARGMAX
+                continue
+            best, best_index = real(-FLT_MAX), NO_ARGMAX
+            for row in range(row_lo, row_hi):
+                for col in range(col_lo, col_hi):
+                    if features[b, c, row, col] > best:  # strict: the first maximum wins ties
+                        best, best_index = features[b, c, row, col], row * width + col
+            output[k, c, py, px] = best
+            argmax[k, c, py, px] = best_index
+
+    def backward(grad_output, rois, argmax, grad_features):
+        """grad_output, argmax: [K, C, ph, pw]; grad_features: [N, C, H, W] zeros (atomically added to)."""
+        num_rois, channels, pooled_h, pooled_w = grad_output.shape
+        width = grad_features.shape[3]
+        for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
+            k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
+            pixel = argmax[k, c, py, px]
+            if pixel != NO_ARGMAX:
+                row, col = pixel // width, pixel % width
+                cuda.atomic.add(grad_features, (int(rois[k, 0]), c, row, col), grad_output[k, c, py, px])
+
+    return forward, backward
+
+
+def _cuda_signature(real):
+    """void(features, rois, spatial_scale, output, argmax) and void(grad_output, rois, argmax, grad_features)."""
+    maps, rois, argmax = c_array(real, 4), c_array(real, 2), c_array(np.int32, 4)
+    return numba.types.void(maps, rois, numba.from_dtype(np.dtype(real)), maps, argmax), \
+        numba.types.void(maps, rois, argmax, maps)
+
+
+def _compile_cuda_kernels():
+    kernels = {}
+    for dtype, real in ((torch.float32, np.float32), (torch.float64, np.float64)):
+        forward, backward = _cuda_kernels_in(real)
+        forward_signature, backward_signature = _cuda_signature(real)
+        kernels[dtype] = (LazyKernel(forward, forward_signature), LazyKernel(backward, backward_signature))
+    return kernels
+
+
+CUDA_KERNELS = _compile_cuda_kernels()  # torch dtype -> (forward, backward) LazyKernels
 
 
 def _cuda_forward(features, rois, params):
@@ -354,17 +397,17 @@ def _cuda_forward(features, rois, params):
     output = torch.empty(shape, dtype=features.dtype, device=features.device)
     argmax = torch.empty(shape, dtype=ARGMAX_DTYPE, device=features.device)
     if output.numel() > 0:
-        cuda_launch(_forward_cuda, output.numel(), (features.detach(), rois.detach()),
-                    (spatial_scale, features.dtype == torch.float32),
-                    (output, argmax), features.device)
+        cuda_launch(CUDA_KERNELS[features.dtype][0], output.numel(), (features.detach(), rois.detach()),
+                    (spatial_scale,), (output, argmax), features.device)
     return output, argmax
 
 
 def _cuda_backward(grad_output, rois, argmax, feature_shape):
     grad_features = torch.zeros(feature_shape, dtype=grad_output.dtype, device=grad_output.device)
     if grad_output.numel() > 0:
-        cuda_launch(_backward_cuda, grad_output.numel(), (grad_output.detach().contiguous(), rois.detach(), argmax), (),
-                    (grad_features,), grad_output.device)
+        cuda_launch(CUDA_KERNELS[grad_output.dtype][1], grad_output.numel(), (grad_output.detach(), rois.detach(),
+                                                                             argmax), (), (grad_features,),
+                    grad_output.device)
     return grad_features
 
 
