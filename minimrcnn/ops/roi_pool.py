@@ -32,6 +32,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from minimrcnn.ops._numba import LazyKernel, c_array, cuda_launch, image_order, unravel_cell  # first: Numba set-up
+from minimrcnn.ops.roi_align import (CUDA_COMPUTE_DTYPES, _check_levels, _flat_maps, _level_scales,
+                                     _level_table)
 from minimrcnn.ops._validate import (
     check_cuda_backend,
     check_features_and_rois,
@@ -329,21 +331,27 @@ def _c_round_in(real):
 
 
 def _cuda_kernels_in(real):
-    """The (forward, backward) Python functions of the CUDA kernels in float type `real`."""
+    """The (forward, backward) Python functions of the CUDA kernels in float type `real`.
+
+    One kernel serves one map and several (a pooler's FPN levels), as RoIAlign's: the maps
+    travel as one flat buffer, level l's [N_l, C, H_l, W_l] block at offset level_table[l, 0],
+    and each RoI carries its level index; argmax is row * W_l + col within the RoI's map.
+    """
     quantize_roi_axis, bin_range = (
         cuda.jit(device=True)(f) for f in _geometry_in(real, cuda.jit(device=True)(_c_round_in(real)))
     )
 
-    def forward(features, rois, spatial_scale, output, argmax):
-        """features: [N, C, H, W]; rois: [K, 5]; spatial_scale: `real`; output, argmax: [K, C, ph, pw]
-        (written)."""
+    def forward(features, level_table, level_scales, rois, roi_levels, output, argmax):
+        """features: [T] flat maps; level_table: [L, 3] int64 (offset, H_l, W_l); level_scales: [L];
+        rois: [K, 5]; roi_levels: [K] int64 in [0, L); output, argmax: [K, C, ph, pw] (written)."""
         num_rois, channels, pooled_h, pooled_w = output.shape
-        height, width = features.shape[2], features.shape[3]
         for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
             k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
-            b = int(rois[k, 0])
-            first_x, size_x = quantize_roi_axis(rois[k, 1], rois[k, 3], spatial_scale)
-            first_y, size_y = quantize_roi_axis(rois[k, 2], rois[k, 4], spatial_scale)
+            level = roi_levels[k]
+            height, width = level_table[level, 1], level_table[level, 2]
+            plane = level_table[level, 0] + (int(rois[k, 0]) * channels + c) * height * width
+            first_x, size_x = quantize_roi_axis(rois[k, 1], rois[k, 3], level_scales[level])
+            first_y, size_y = quantize_roi_axis(rois[k, 2], rois[k, 4], level_scales[level])
             row_lo, row_hi = bin_range(py, first_y, size_y, pooled_h, height)
             col_lo, col_hi = bin_range(px, first_x, size_x, pooled_w, width)
             if row_hi <= row_lo or col_hi <= col_lo:
@@ -353,30 +361,34 @@ def _cuda_kernels_in(real):
             best, best_index = real(-FLT_MAX), NO_ARGMAX
             for row in range(row_lo, row_hi):
                 for col in range(col_lo, col_hi):
-                    if features[b, c, row, col] > best:  # strict: the first maximum wins ties
-                        best, best_index = features[b, c, row, col], row * width + col
+                    value = features[plane + row * width + col]
+                    if value > best:  # strict: the first maximum wins ties
+                        best, best_index = value, row * width + col
             output[k, c, py, px] = best
             argmax[k, c, py, px] = best_index
 
-    def backward(grad_output, rois, argmax, grad_features):
-        """grad_output, argmax: [K, C, ph, pw]; grad_features: [N, C, H, W] zeros (atomically added to)."""
+    def backward(grad_output, level_table, rois, roi_levels, argmax, grad_features):
+        """grad_output, argmax: [K, C, ph, pw]; grad_features: [T] flat zeros (atomically added to)."""
         num_rois, channels, pooled_h, pooled_w = grad_output.shape
-        width = grad_features.shape[3]
         for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
             k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
             pixel = argmax[k, c, py, px]
             if pixel != NO_ARGMAX:
-                row, col = pixel // width, pixel % width
-                cuda.atomic.add(grad_features, (int(rois[k, 0]), c, row, col), grad_output[k, c, py, px])
+                level = roi_levels[k]
+                plane_size = level_table[level, 1] * level_table[level, 2]
+                plane = level_table[level, 0] + (int(rois[k, 0]) * channels + c) * plane_size
+                cuda.atomic.add(grad_features, plane + pixel, grad_output[k, c, py, px])
 
     return forward, backward
 
 
 def _cuda_signature(real):
-    """void(features, rois, spatial_scale, output, argmax) and void(grad_output, rois, argmax, grad_features)."""
-    maps, rois, argmax = c_array(real, 4), c_array(real, 2), c_array(np.int32, 4)
-    return numba.types.void(maps, rois, numba.from_dtype(np.dtype(real)), maps, argmax), \
-        numba.types.void(maps, rois, argmax, maps)
+    """void(maps [T], level_table, level_scales, rois, roi_levels, output, argmax) and
+    void(grad_output, level_table, rois, roi_levels, argmax, grad_maps [T])."""
+    flat, table, rois = c_array(real, 1), c_array(np.int64, 2), c_array(real, 2)
+    cells, argmax, levels = c_array(real, 4), c_array(np.int32, 4), c_array(np.int64, 1)
+    return (numba.types.void(flat, table, flat, rois, levels, cells, argmax),
+            numba.types.void(cells, table, rois, levels, argmax, flat))
 
 
 def _compile_cuda_kernels():
@@ -391,24 +403,48 @@ def _compile_cuda_kernels():
 CUDA_KERNELS = _compile_cuda_kernels()  # torch dtype -> (forward, backward) LazyKernels
 
 
-def _cuda_forward(features, rois, params):
-    (pooled_h, pooled_w), spatial_scale = params
-    shape = (rois.shape[0], features.shape[1], pooled_h, pooled_w)
-    output = torch.empty(shape, dtype=features.dtype, device=features.device)
-    argmax = torch.empty(shape, dtype=ARGMAX_DTYPE, device=features.device)
+def _cuda_forward_levels(features, rois, roi_levels, params):
+    """features: L maps; rois: [K, 5]; roi_levels: [K] int64 -> (output, argmax) [K, C, ph, pw], in
+    the compute dtype (float32 for bf16/fp16 maps, read into float32 as they are gathered)."""
+    (pooled_h, pooled_w), spatial_scales = params
+    dtype, device = CUDA_COMPUTE_DTYPES[features[0].dtype], features[0].device
+    shape = (rois.shape[0], features[0].shape[1], pooled_h, pooled_w)
+    output = torch.empty(shape, dtype=dtype, device=device)
+    argmax = torch.empty(shape, dtype=ARGMAX_DTYPE, device=device)
     if output.numel() > 0:
-        cuda_launch(CUDA_KERNELS[features.dtype][0], output.numel(), (features.detach(), rois.detach()),
-                    (spatial_scale,), (output, argmax), features.device)
+        table, _ = _level_table([f.shape for f in features], device)
+        inputs = (_flat_maps([f.detach() for f in features], dtype), table,
+                  _level_scales(spatial_scales, dtype, device), rois.detach().to(dtype), roi_levels)
+        cuda_launch(CUDA_KERNELS[dtype][0], output.numel(), inputs, (), (output, argmax), device)
     return output, argmax
 
 
-def _cuda_backward(grad_output, rois, argmax, feature_shape):
-    grad_features = torch.zeros(feature_shape, dtype=grad_output.dtype, device=grad_output.device)
+def _cuda_backward_levels(grad_output, rois, roi_levels, argmax, feature_shapes):
+    """-> one gradient per map, [N_l, C, H_l, W_l] views of one flat buffer (compute dtype)."""
+    dtype, device = grad_output.dtype, grad_output.device
+    table, total = _level_table(feature_shapes, device)
+    grad_flat = torch.zeros(total, dtype=dtype, device=device)
     if grad_output.numel() > 0:
-        cuda_launch(CUDA_KERNELS[grad_output.dtype][1], grad_output.numel(), (grad_output.detach(), rois.detach(),
-                                                                             argmax), (), (grad_features,),
-                    grad_output.device)
-    return grad_features
+        inputs = (grad_output.detach(), table, rois.detach().to(dtype), roi_levels, argmax)
+        cuda_launch(CUDA_KERNELS[dtype][1], grad_output.numel(), inputs, (), (grad_flat,), device)
+    grads, offset = [], 0
+    for shape in feature_shapes:
+        size = math.prod(shape)
+        grads.append(grad_flat[offset:offset + size].view(shape))
+        offset += size
+    return grads
+
+
+def _cuda_forward(features, rois, params):
+    output_size, spatial_scale = params
+    roi_levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
+    return _cuda_forward_levels([features], rois, roi_levels, (output_size, (spatial_scale,)))
+
+
+def _cuda_backward(grad_output, rois, argmax, feature_shape):
+    roi_levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
+    (grad,) = _cuda_backward_levels(grad_output, rois, roi_levels, argmax, [feature_shape])
+    return grad
 
 
 # ---------------------------------------------------------------------------
@@ -495,3 +531,57 @@ class RoIPool(nn.Module):
 
     def extra_repr(self):
         return f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, backend={self.backend!r}"
+
+
+# ---------------------------------------------------------------------------
+# 6b. Several maps at once: each RoI pooled from its own map (a pooler's FPN
+#     levels). On CUDA one kernel launch for all maps; on CPU one roi_pool call
+#     per map, exactly as roi_pool(features[l], rois[roi_levels == l], ...).
+# ---------------------------------------------------------------------------
+
+
+class _RoIPoolLevelsFunction(torch.autograd.Function):
+    """The CUDA path of roi_pool_levels: one launch forward, one backward."""
+
+    @staticmethod
+    def forward(ctx, rois, roi_levels, params, *features):
+        output, argmax = _cuda_forward_levels(list(features), rois, roi_levels, params)
+        ctx.save_for_backward(rois, roi_levels, argmax)
+        ctx.feature_shapes = [tuple(f.shape) for f in features]
+        ctx.feature_dtypes = [f.dtype for f in features]
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        rois, roi_levels, argmax = ctx.saved_tensors
+        grads = _cuda_backward_levels(grad_output.contiguous(), rois, roi_levels, argmax, ctx.feature_shapes)
+        # (a map read in bf16 gets its gradient back in bf16, as a cast of the map would give it)
+        return (None, None, None, *(g.to(dtype) for g, dtype in zip(grads, ctx.feature_dtypes)))
+
+
+def roi_pool_levels(features, rois, roi_levels, output_size, spatial_scales, backend="auto"):
+    """RoIPool of each RoI on its own map: RoI k is pooled from features[roi_levels[k]] at
+    spatial_scales[roi_levels[k]]. On CUDA one kernel launch for all maps (a pooler's FPN levels).
+
+    features: L tensors [N_l, C, H_l, W_l] (same C, dtype and device; on CUDA also bf16/fp16,
+        read into float32 as the maps are gathered)
+    rois: [K, 5] (batch_index into its own map, x1, y1, x2, y2); roi_levels: [K] int64 in [0, L)
+    spatial_scales: L numbers; output_size, backend: as roi_pool's
+    Returns: [K, C, ph, pw] in float32/float64 (the maps' type; float32 for bf16/fp16 maps),
+    row k equal to roi_pool(features[l], rois[k:k+1], output_size, spatial_scales[l]).
+    """
+    pooled = output_size_pair(output_size)
+    spatial_scales = tuple(check_spatial_scale(scale) for scale in spatial_scales)
+    compute = _check_levels(features, rois, roi_levels, spatial_scales, backend)
+    backend = resolve_backend(backend, features[0])
+    rois = rois.detach().to(compute)
+    if backend == "cuda":
+        check_cuda_backend(features[0].device)
+        return _RoIPoolLevelsFunction.apply(rois, roi_levels, (pooled, spatial_scales), *features)
+    output = features[0].new_zeros((rois.shape[0], features[0].shape[1], *pooled))
+    for level, (level_features, spatial_scale) in enumerate(zip(features, spatial_scales)):
+        rows = torch.nonzero(roi_levels == level).flatten()
+        if rows.numel() > 0:
+            output = output.index_copy(0, rows, roi_pool(level_features, rois[rows], pooled, spatial_scale, backend))
+    return output

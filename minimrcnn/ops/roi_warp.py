@@ -37,13 +37,14 @@ at spatial_scale 1; the "numba" and "cuda" backends run it that way, on roi_alig
 fast kernels (``quantized_rois`` below). The kernels of this file serve the max
 reduction. The CPU kernels' helpers repeat RoIAlign's geometry, with the quantization
 in it, to be read beside the reference; the CUDA kernels are RoIAlign's with a max for
-the mean, on roi_align.py's device functions and flat level layout, with the corners
-rounded before the launch. The NumPy
-reference covers all four combinations, and tests/test_roi_warp.py pins every backend to it.
+the mean, on roi_align.py's device functions and flat level layout (one launch serves
+all of a pooler's levels: roi_warp_levels), with the corners rounded before the launch.
+The NumPy reference covers all four combinations, and tests/test_roi_warp.py pins every
+backend to it.
 
 The file reads top to bottom: 1. NumPy reference (the spec) -> 2. scalar helpers of the
 CPU kernels -> 3. Numba CPU kernels -> 4. numba.cuda kernels -> 5. dispatch
--> 6. autograd function, public function and nn.Module.
+-> 6. autograd function, public function and nn.Module -> 6b. several maps at once.
 """
 
 import math
@@ -56,7 +57,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from minimrcnn.ops._numba import LazyKernel, c_array, cuda_launch, image_order  # first: Numba set-up
-from minimrcnn.ops.roi_align import _cuda_device_functions_in, _flat_maps, _level_scales, _level_table, roi_align
+from minimrcnn.ops.roi_align import (CUDA_COMPUTE_DTYPES, _check_levels, _cuda_device_functions_in, _flat_maps,
+                                     _level_scales, _level_table, roi_align, roi_align_levels)
 from minimrcnn.ops._validate import (
     check_cuda_backend,
     check_features_and_rois,
@@ -445,16 +447,17 @@ def _kernel_rois(rois, roi_levels, spatial_scales, quantize, dtype):
     if len(spatial_scales) == 1:
         scale = spatial_scales[0]
     else:  # each RoI's own map's scale, [K, 1]
-        scale = torch.tensor(spatial_scales, dtype=torch.float64).to(rois.device)[roi_levels][:, None]
+        scale = _level_scales(spatial_scales, torch.float64, rois.device)[roi_levels][:, None]
     return quantized_rois(rois.detach(), scale).to(dtype), (1.0,) * len(spatial_scales)
 
 
 def _cuda_forward_levels(features, rois, roi_levels, params):
-    """features: L maps; rois: [K, 5]; roi_levels: [K] int64 -> (output, argmax) [K, C, ph, pw].
-    params = (output_size, spatial_scales, sampling_ratio, aligned, quantize)."""
+    """features: L maps; rois: [K, 5]; roi_levels: [K] int64 -> (output, argmax) [K, C, ph, pw], in
+    the compute dtype; params = (output_size, spatial_scales, sampling_ratio, aligned, quantize)."""
     pooled, spatial_scales, sampling_ratio, aligned, quantize = params
-    dtype, device = features[0].dtype, features[0].device
-    output, argmax = _empty_outputs(features[0], rois, pooled)
+    dtype, device = CUDA_COMPUTE_DTYPES[features[0].dtype], features[0].device  # (bf16 maps: float32)
+    output = torch.zeros((rois.shape[0], features[0].shape[1], *pooled), dtype=dtype, device=device)
+    argmax = torch.full(output.shape, NO_SAMPLE, dtype=torch.int32, device=device)
     if output.numel() > 0:
         kernel_rois, scales = _kernel_rois(rois, roi_levels, spatial_scales, quantize, dtype)
         table, _ = _level_table([f.shape for f in features], device)
@@ -613,4 +616,74 @@ class RoIWarp(nn.Module):
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
 
 
-__all__ = ["RoIWarp", "quantized_rois", "roi_warp", "roi_warp_reference", "roi_warp_backward_reference", "warp_geometry"]
+# ---------------------------------------------------------------------------
+# 6b. Several maps at once: each RoI pooled from its own map (a pooler's FPN
+#     levels). On CUDA one kernel launch for all maps; on CPU one roi_warp call
+#     per map, exactly as roi_warp(features[l], rois[roi_levels == l], ...).
+# ---------------------------------------------------------------------------
+
+
+class _RoIWarpMaxLevelsFunction(torch.autograd.Function):
+    """The CUDA path of roi_warp_levels with the max reduction: one launch forward, one backward."""
+
+    @staticmethod
+    def forward(ctx, rois, roi_levels, params, *features):
+        output, argmax = _cuda_forward_levels(list(features), rois, roi_levels, params)
+        ctx.save_for_backward(rois, roi_levels, argmax)
+        ctx.params = params
+        ctx.feature_shapes = [tuple(f.shape) for f in features]
+        ctx.feature_dtypes = [f.dtype for f in features]
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        rois, roi_levels, argmax = ctx.saved_tensors
+        grads = _cuda_backward_levels(grad_output.contiguous(), argmax, rois, roi_levels, ctx.feature_shapes,
+                                      ctx.params)
+        # (a map read in bf16 gets its gradient back in bf16, as a cast of the map would give it)
+        return (None, None, None, *(g.to(dtype) for g, dtype in zip(grads, ctx.feature_dtypes)))
+
+
+def roi_warp_levels(features, rois, roi_levels, output_size, spatial_scales, sampling_ratio=-1, aligned=True,
+                    quantize=True, reduction="avg", backend="auto"):
+    """roi_warp of each RoI on its own map: RoI k is pooled from features[roi_levels[k]] at
+    spatial_scales[roi_levels[k]]. On CUDA one kernel launch for all maps (a pooler's FPN levels):
+    the max kernels of this file, or for "avg" roi_align_levels on the rounded corners.
+
+    features: L tensors [N_l, C, H_l, W_l] (same C, dtype and device; on CUDA also bf16/fp16,
+        read into float32 as the maps are gathered)
+    rois: [K, 5] (batch_index into its own map, x1, y1, x2, y2); roi_levels: [K] int64 in [0, L)
+    spatial_scales: L numbers; the other arguments: as roi_warp's
+    Returns: [K, C, ph, pw] in float32/float64 (the maps' type; float32 for bf16/fp16 maps),
+    row k equal to roi_warp(features[l], rois[k:k+1], output_size, spatial_scales[l], ...).
+    """
+    pooled = output_size_pair(output_size)
+    spatial_scales = tuple(check_spatial_scale(scale) for scale in spatial_scales)
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, (int, np.integer)):
+        raise TypeError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    compute = _check_levels(features, rois, roi_levels, spatial_scales, backend)
+    backend = resolve_backend(backend, features[0])
+    rois, sampling_ratio, aligned, quantize = rois.detach().to(compute), int(sampling_ratio), bool(aligned), \
+        bool(quantize)
+    if backend == "cuda":
+        check_cuda_backend(features[0].device)
+        if reduction == "avg":  # as roi_warp: RoIAlign on the corners rounded at their map's scale
+            rois, scales = _kernel_rois(rois, roi_levels, spatial_scales, quantize, compute)
+            return roi_align_levels(features, rois, roi_levels, pooled, scales, sampling_ratio, aligned, backend)
+        params = (pooled, spatial_scales, sampling_ratio, aligned, quantize)
+        return _RoIWarpMaxLevelsFunction.apply(rois, roi_levels, params, *features)
+    output = features[0].new_zeros((rois.shape[0], features[0].shape[1], *pooled))
+    for level, (level_features, spatial_scale) in enumerate(zip(features, spatial_scales)):
+        rows = torch.nonzero(roi_levels == level).flatten()
+        if rows.numel() > 0:
+            pooled_rows = roi_warp(level_features, rois[rows], pooled, spatial_scale, sampling_ratio, aligned, quantize,
+                                   reduction, backend)
+            output = output.index_copy(0, rows, pooled_rows)
+    return output
+
+
+__all__ = ["RoIWarp", "quantized_rois", "roi_warp", "roi_warp_levels", "roi_warp_reference",
+           "roi_warp_backward_reference", "warp_geometry"]
