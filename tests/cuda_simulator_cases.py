@@ -72,6 +72,7 @@ def record_cases(seed: int = 0) -> dict:
                                 "output": output, "argmax": argmax})
     return {"roi_align": align_cases, "roi_pool": pool_cases, "empty": empty, "gradcheck": gradcheck,
             "roi_pool_dtype_edges": dtype_edges, "nms": record_nms_cases(), "roi_align_levels": record_levels_cases(),
+            "pool_warp_levels": record_pool_warp_levels_cases(),
             "outside_on_inf_map": roi_align(infinite, outside, 2, 1.0, 2, backend="cuda")}
 
 
@@ -132,6 +133,47 @@ def record_levels_cases() -> dict:
                                        backend="cuda"),
         tuple(leaves), fast_mode=True, raise_exception=False)
     return {"cases": cases, "pooled": pooled, "pooled_bf16": pooled_bf16, "gradcheck": gradcheck}
+
+
+def record_pool_warp_levels_cases() -> dict:
+    """The pooler's one-launch path on the CUDA backend for roi_pool_levels / roi_warp_levels
+    (roi_op pool, warp, warp_max, align_max; float64 pyramid, outputs and the gradients of a ramp);
+    and float32 roi_pool_levels / roi_warp_levels (max, quantized or not) on three maps beside one
+    CUDA call per map, outputs and gradients."""
+    from minimrcnn.modeling.poolers import MultiScaleRoIPooler
+    from minimrcnn.ops.roi_pool import roi_pool, roi_pool_levels
+    from minimrcnn.ops.roi_warp import roi_warp, roi_warp_levels
+
+    inputs = levels_inputs(torch.float64)
+    poolers = {}
+    for roi_op in ("pool", "warp", "warp_max", "align_max"):
+        pooler = MultiScaleRoIPooler(2, (2, 3, 4, 5, 6), roi_op, sampling_ratio=2)
+        leaves = [m.clone().requires_grad_() for m in inputs["pyramid"]]
+        pooled = pooler.pool_all_levels(leaves, inputs["pooler_rois"], backend="cuda")
+        pooled.backward(torch.arange(pooled.numel(), dtype=pooled.dtype).reshape(pooled.shape))
+        poolers[roi_op] = {"pooled": pooled.detach(), "grads": [m.grad for m in leaves]}
+    inputs = levels_inputs(torch.float32)
+    maps, rois, roi_levels, scales = inputs["maps"], inputs["rois"], inputs["roi_levels"], inputs["scales"]
+    ops = {"pool": (roi_pool_levels, lambda m, r, s: roi_pool(m, r, 2, s, "cuda"), ()),
+           "warp_max": (roi_warp_levels, lambda m, r, s: roi_warp(m, r, 2, s, 2, True, True, "max", "cuda"),
+                        (2, True, True, "max")),
+           "align_max": (roi_warp_levels, lambda m, r, s: roi_warp(m, r, 2, s, 0, False, False, "max", "cuda"),
+                         (0, False, False, "max"))}
+    float32 = {}
+    for name, (levels_op, per_map_op, args) in ops.items():
+        leaves = [m.clone().requires_grad_() for m in maps]
+        output = levels_op(leaves, rois, roi_levels, 2, scales, *args, backend="cuda")
+        output.backward(torch.ones_like(output))
+        separate = [m.clone().requires_grad_() for m in maps]
+        per_map = torch.zeros_like(output)
+        for level, (level_map, scale) in enumerate(zip(separate, scales)):
+            rows = roi_levels == level
+            pooled = per_map_op(level_map, rois[rows], scale)
+            pooled.backward(torch.ones_like(pooled))
+            per_map[rows] = pooled.detach()
+        float32[name] = {"output": output.detach(), "grads": [m.grad for m in leaves], "per_map": per_map,
+                         "per_map_grads": [m.grad for m in separate]}
+    return {"poolers": poolers, "float32": float32}
 
 
 def nms_cases() -> list[dict]:

@@ -293,29 +293,23 @@ def test_shared_helper_is_the_bilinear_rule():
     assert roi_align_module._interp_cpu(2.25, 5) == (2, 3, 0.75, 0.25)
 
 
-def test_cuda_kernels_compile_for_a_real_gpu(monkeypatch):
+@pytest.mark.parametrize("op", ["roi_align", "roi_pool", "roi_warp"])
+def test_cuda_kernels_compile_for_a_real_gpu(monkeypatch, op):
     # The simulator runs the kernels as Python, so it cannot catch what the real CUDA target
     # rejects (it rejected max(a, b) in device code once). Compiling to PTX needs only NVVM
     # from a CUDA toolkit, no GPU: run where one is installed (e.g. CUDA_HOME set).
-    from numba import cuda, types
+    from numba import cuda
     from numba.cuda import dispatcher
     from numba.cuda.cudadrv import nvvm
 
     if not nvvm.is_available():  # only a missing libNVVM skips; a broken one fails below
         pytest.skip("no NVVM (libNVVM of a CUDA toolkit) here")
     monkeypatch.setattr(dispatcher, "get_current_device", lambda: _FakeDevice())  # device functions ask for it
-    roi_pool_module = importlib.import_module("minimrcnn.ops.roi_pool")
-    for dtype in (types.float32, types.float64):
-        features, rois = types.Array(dtype, 4, "A"), types.Array(dtype, 2, "A")
-        argmax = types.Array(types.int32, 4, "A")
-        for kernel, args in (
-            (roi_pool_module._forward_cuda, (features, rois, types.float64, types.boolean, features, argmax)),
-            (roi_pool_module._backward_cuda, (features, rois, argmax, features)),
-        ):
-            ptx, _ = cuda.compile_ptx(kernel.py_func, types.void(*args), cc=(9, 0))
-            assert ".entry" in ptx
-    # RoIAlign's kernels, with the very signatures they are launched with (LazyKernel)
-    for dtype, kernels in roi_align_module.CUDA_KERNELS.items():
+    # the op's kernels (RoIWarp's: the max reduction), with the very signatures they are
+    # launched with (LazyKernel)
+    module = importlib.import_module(f"minimrcnn.ops.{op}")
+    assert set(module.CUDA_KERNELS) == {torch.float32, torch.float64}
+    for dtype, kernels in module.CUDA_KERNELS.items():
         for kernel in kernels:
             ptx, _ = cuda.compile_ptx(kernel.py_func, kernel.signature, cc=(9, 0))
             assert ".entry" in ptx

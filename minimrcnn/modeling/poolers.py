@@ -24,8 +24,8 @@ from torch import nn
 
 from minimrcnn.modeling.fpn import feature_levels_of
 from minimrcnn.ops.roi_align import roi_align, roi_align_levels
-from minimrcnn.ops.roi_pool import roi_pool
-from minimrcnn.ops.roi_warp import roi_warp
+from minimrcnn.ops.roi_pool import roi_pool, roi_pool_levels
+from minimrcnn.ops.roi_warp import roi_warp, roi_warp_levels
 
 # FPN levels that may carry RoIs (P2-P5, FPN paper section 4.2).
 ROI_LEVELS = (2, 3, 4, 5)
@@ -171,7 +171,7 @@ class MultiScaleRoIPooler(nn.Module):
         size = self.output_size
         if rois.shape[0] == 0:
             return features[0].new_zeros((0, num_channels, size, size))
-        if self.roi_op == "align" and rois.is_cuda:
+        if rois.is_cuda:
             return self.pool_all_levels(features, rois)
         roi_levels = self.assign_levels(rois[:, 1:])
         # Group the RoIs by level with one stable sort, and read the group sizes back once
@@ -198,7 +198,7 @@ class MultiScaleRoIPooler(nn.Module):
         return pooled.index_select(0, inverse)
 
     def pool_all_levels(self, features: list[torch.Tensor], rois: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-        """RoIAlign of every RoI from its level in one op call: on CUDA one kernel launch for all
+        """The roi_op of every RoI from its level in one op call: on CUDA one kernel launch for all
         levels, with no grouping by level and no read-back of the group sizes (what ``forward``
         does on CUDA). The same numbers as ``forward``'s per-level calls.
 
@@ -206,8 +206,14 @@ class MultiScaleRoIPooler(nn.Module):
         """
         maps = [features[self.feature_levels.index(level)] for level in self.roi_levels]
         level_index = self.assign_levels(rois[:, 1:]) - self.roi_levels[0]  # consecutive levels
-        return roi_align_levels(maps, rois, level_index, self.output_size,
-                                tuple(1.0 / 2**level for level in self.roi_levels),
+        scales = tuple(1.0 / 2**level for level in self.roi_levels)
+        if self.roi_op in WARP_OPS:  # (aligned, as pool_level calls roi_warp)
+            quantize, reduction = WARP_OPS[self.roi_op]
+            return roi_warp_levels(maps, rois, level_index, self.output_size, scales, self.sampling_ratio, True,
+                                   quantize, reduction, backend)
+        if self.roi_op == "pool":
+            return roi_pool_levels(maps, rois, level_index, self.output_size, scales, backend)
+        return roi_align_levels(maps, rois, level_index, self.output_size, scales,
                                 sampling_ratio=self.sampling_ratio, aligned=self.aligned, backend=backend)
 
 

@@ -443,23 +443,42 @@ def _cuda_helpers_in(real):
     return geometry, interpolation, sample
 
 
+def _cuda_device_functions_in(real):
+    """(cell_setup, interpolation, sample): CUDA device functions in float type `real` for
+    kernels with one thread per output cell over flat level maps (RoIAlign's; RoIWarp's max
+    kernels use them too). cell_setup is the per-cell set-up that every such kernel starts with."""
+    geometry, interpolation, sample = (cuda.jit(device=True)(f) for f in _cuda_helpers_in(real))
+
+    @cuda.jit(device=True)
+    def cell_setup(index, cells_shape, level_table, level_scales, rois, roi_levels, sampling_ratio, aligned):
+        """Output cell `index` of [K, C, ph, pw] (`cells_shape`) -> its (k, c, py, px), its map's
+        height and width, the flat offset of its (image, channel) plane in the maps, and its RoI's
+        geometry (start_y, start_x, bin_h, bin_w, grid_h, grid_w, count)."""
+        _, channels, pooled_h, pooled_w = cells_shape
+        k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
+        level = roi_levels[k]
+        height, width = level_table[level, 1], level_table[level, 2]
+        plane = level_table[level, 0] + (int(rois[k, 0]) * channels + c) * height * width
+        start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = geometry(
+            rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], pooled_h, pooled_w, level_scales[level],
+            sampling_ratio, aligned,
+        )
+        return k, c, py, px, height, width, plane, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count
+
+    return cell_setup, interpolation, sample
+
+
 def _cuda_kernels_in(real):
     """The (forward, backward) Python functions of the CUDA kernels in float type `real`."""
-    geometry, interpolation, sample = (cuda.jit(device=True)(f) for f in _cuda_helpers_in(real))
+    cell_setup, interpolation, sample = _cuda_device_functions_in(real)
 
     def forward(features, level_table, level_scales, rois, roi_levels, sampling_ratio, aligned, output):
         """features: [T] flat maps; level_table: [L, 3] int64; level_scales: [L]; rois: [K, 5];
         roi_levels: [K] int64 in [0, L); output: [K, C, ph, pw] (written)."""
         num_rois, channels, pooled_h, pooled_w = output.shape
         for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
-            k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
-            level = roi_levels[k]
-            height, width = level_table[level, 1], level_table[level, 2]
-            plane = level_table[level, 0] + (int(rois[k, 0]) * channels + c) * height * width
-            start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = geometry(
-                rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], pooled_h, pooled_w, level_scales[level],
-                sampling_ratio, aligned,
-            )
+            k, c, py, px, height, width, plane, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = cell_setup(
+                index, output.shape, level_table, level_scales, rois, roi_levels, sampling_ratio, aligned)
             total = real(0.0)
             for iy in range(grid_h):
                 y_low, y_high, wy_low, wy_high = interpolation(sample(start_y, py, bin_h, iy, grid_h), height)
@@ -480,14 +499,8 @@ def _cuda_kernels_in(real):
         """grad_output: [K, C, ph, pw]; grad_features: [T] flat zeros (atomically accumulated into)."""
         num_rois, channels, pooled_h, pooled_w = grad_output.shape
         for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
-            k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
-            level = roi_levels[k]
-            height, width = level_table[level, 1], level_table[level, 2]
-            plane = level_table[level, 0] + (int(rois[k, 0]) * channels + c) * height * width
-            start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = geometry(
-                rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], pooled_h, pooled_w, level_scales[level],
-                sampling_ratio, aligned,
-            )
+            k, c, py, px, height, width, plane, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = cell_setup(
+                index, grad_output.shape, level_table, level_scales, rois, roi_levels, sampling_ratio, aligned)
             grad = grad_output[k, c, py, px] / real(count)
             for iy in range(grid_h):
                 y_low, y_high, wy_low, wy_high = interpolation(sample(start_y, py, bin_h, iy, grid_h), height)

@@ -31,7 +31,9 @@ from numba import cuda
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from minimrcnn.ops._numba import cuda_launch, image_order, unravel_cell  # first: Numba set-up
+from minimrcnn.ops._numba import LazyKernel, c_array, cuda_launch, image_order, unravel_cell  # first: Numba set-up
+from minimrcnn.ops.roi_align import (CUDA_COMPUTE_DTYPES, _check_levels, _flat_maps, _level_scales,
+                                     _level_table)
 from minimrcnn.ops._validate import (
     check_cuda_backend,
     check_features_and_rois,
@@ -152,8 +154,8 @@ def _geometry_in(real, c_round):
 
     Every operand is cast to `real` explicitly: Numba types a Python float or an int
     quotient as float64, which would silently do the float32 kernel's arithmetic in float64
-    (other bins than torchvision's, and half rate on a GPU). c_round is the jitted _c_round
-    of the target (CPU or CUDA) the functions are compiled for.
+    (other bins than torchvision's, and half rate on a GPU). c_round is a C round jitted for
+    the target the functions are compiled for: _c_round on CPU, _c_round_in(real) on CUDA.
     """
 
     def quantize_roi_axis(coord_start, coord_end, spatial_scale):
@@ -201,8 +203,7 @@ def _compile_geometry(jit):
     return tuple(jit(f) for f in _dispatch_on_precision(*pairs))
 
 
-_quantize_cpu, _bin_range_cpu = _compile_geometry(numba.njit(cache=True))
-_quantize_cuda, _bin_range_cuda = _compile_geometry(cuda.jit(device=True))
+_quantize_cpu, _bin_range_cpu = _compile_geometry(numba.njit(cache=True))  # (the CUDA kernels': section 4)
 
 # ---------------------------------------------------------------------------
 # 3. Numba CPU kernels. The forward reads the map channels-last ([N, H, W, C]) so
@@ -308,64 +309,142 @@ def _numba_backward(grad_output, rois, argmax, feature_shape):
 
 # ---------------------------------------------------------------------------
 # 4. CUDA kernels (numba.cuda): one thread per output cell; atomics in backward.
+#    One kernel per float type, with all its arithmetic in that type: the
+#    float32 kernel's corners and bin edges are float32's, as torchvision's
+#    kernel computes them in its type T (and a float32 kernel has no float64
+#    operation; numba would type a Python float literal or an int-float mix as
+#    float64). Compiled once per type for its launch signature (LazyKernel).
 # ---------------------------------------------------------------------------
 
 
-@cuda.jit
-def _forward_cuda(features, rois, spatial_scale, single, output, argmax):
-    """single: bin arithmetic in float32 (float32 maps), as torchvision's kernel in its type T."""
-    num_rois, channels, pooled_h, pooled_w = output.shape
-    height, width = features.shape[2], features.shape[3]
-    for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
-        k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
-        b = int(rois[k, 0])
-        first_x, size_x = _quantize_cuda(single, rois[k, 1], rois[k, 3], spatial_scale)
-        first_y, size_y = _quantize_cuda(single, rois[k, 2], rois[k, 4], spatial_scale)
-        row_lo, row_hi = _bin_range_cuda(single, py, first_y, size_y, pooled_h, height)
-        col_lo, col_hi = _bin_range_cuda(single, px, first_x, size_x, pooled_w, width)
-        if row_hi <= row_lo or col_hi <= col_lo:
-            output[k, c, py, px] = 0.0
-            argmax[k, c, py, px] = NO_ARGMAX
-            continue
-        best, best_index = -FLT_MAX, NO_ARGMAX
-        for row in range(row_lo, row_hi):
-            for col in range(col_lo, col_hi):
-                if features[b, c, row, col] > best:
-                    best, best_index = features[b, c, row, col], row * width + col
-        output[k, c, py, px] = best
-        argmax[k, c, py, px] = best_index
+def _c_round_in(real):
+    """_c_round with its constants and its subtraction in `real` (the same integer: for a
+    value of type `real`, magnitude - floor(magnitude) is exact in that type)."""
+
+    def c_round(value):
+        magnitude = value if value >= real(0.0) else -value
+        whole = int(math.floor(magnitude))
+        whole = whole + 1 if magnitude - real(whole) >= real(0.5) else whole
+        return whole if value >= real(0.0) else -whole
+
+    return c_round
 
 
-@cuda.jit
-def _backward_cuda(grad_output, rois, argmax, grad_features):
-    num_rois, channels, pooled_h, pooled_w = grad_output.shape
-    width = grad_features.shape[3]
-    for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
-        k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
-        pixel = argmax[k, c, py, px]
-        if pixel != NO_ARGMAX:
-            row, col = pixel // width, pixel % width
-            cuda.atomic.add(grad_features, (int(rois[k, 0]), c, row, col), grad_output[k, c, py, px])
+def _cuda_kernels_in(real):
+    """The (forward, backward) Python functions of the CUDA kernels in float type `real`.
+
+    One kernel serves one map and several (a pooler's FPN levels), as RoIAlign's: the maps
+    travel as one flat buffer, level l's [N_l, C, H_l, W_l] block at offset level_table[l, 0],
+    and each RoI carries its level index; argmax is row * W_l + col within the RoI's map.
+    """
+    quantize_roi_axis, bin_range = (
+        cuda.jit(device=True)(f) for f in _geometry_in(real, cuda.jit(device=True)(_c_round_in(real)))
+    )
+
+    def forward(features, level_table, level_scales, rois, roi_levels, output, argmax):
+        """features: [T] flat maps; level_table: [L, 3] int64 (offset, H_l, W_l); level_scales: [L];
+        rois: [K, 5]; roi_levels: [K] int64 in [0, L); output, argmax: [K, C, ph, pw] (written)."""
+        num_rois, channels, pooled_h, pooled_w = output.shape
+        for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
+            k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
+            level = roi_levels[k]
+            height, width = level_table[level, 1], level_table[level, 2]
+            plane = level_table[level, 0] + (int(rois[k, 0]) * channels + c) * height * width
+            first_x, size_x = quantize_roi_axis(rois[k, 1], rois[k, 3], level_scales[level])
+            first_y, size_y = quantize_roi_axis(rois[k, 2], rois[k, 4], level_scales[level])
+            row_lo, row_hi = bin_range(py, first_y, size_y, pooled_h, height)
+            col_lo, col_hi = bin_range(px, first_x, size_x, pooled_w, width)
+            if row_hi <= row_lo or col_hi <= col_lo:
+                output[k, c, py, px] = real(0.0)
+                argmax[k, c, py, px] = NO_ARGMAX
+                continue
+            best, best_index = real(-FLT_MAX), NO_ARGMAX
+            for row in range(row_lo, row_hi):
+                for col in range(col_lo, col_hi):
+                    value = features[plane + row * width + col]
+                    if value > best:  # strict: the first maximum wins ties
+                        best, best_index = value, row * width + col
+            output[k, c, py, px] = best
+            argmax[k, c, py, px] = best_index
+
+    def backward(grad_output, level_table, rois, roi_levels, argmax, grad_features):
+        """grad_output, argmax: [K, C, ph, pw]; grad_features: [T] flat zeros (atomically added to)."""
+        num_rois, channels, pooled_h, pooled_w = grad_output.shape
+        for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
+            k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
+            pixel = argmax[k, c, py, px]
+            if pixel != NO_ARGMAX:
+                level = roi_levels[k]
+                plane_size = level_table[level, 1] * level_table[level, 2]
+                plane = level_table[level, 0] + (int(rois[k, 0]) * channels + c) * plane_size
+                cuda.atomic.add(grad_features, plane + pixel, grad_output[k, c, py, px])
+
+    return forward, backward
 
 
-def _cuda_forward(features, rois, params):
-    (pooled_h, pooled_w), spatial_scale = params
-    shape = (rois.shape[0], features.shape[1], pooled_h, pooled_w)
-    output = torch.empty(shape, dtype=features.dtype, device=features.device)
-    argmax = torch.empty(shape, dtype=ARGMAX_DTYPE, device=features.device)
+def _cuda_signature(real):
+    """void(maps [T], level_table, level_scales, rois, roi_levels, output, argmax) and
+    void(grad_output, level_table, rois, roi_levels, argmax, grad_maps [T])."""
+    flat, table, rois = c_array(real, 1), c_array(np.int64, 2), c_array(real, 2)
+    cells, argmax, levels = c_array(real, 4), c_array(np.int32, 4), c_array(np.int64, 1)
+    return (numba.types.void(flat, table, flat, rois, levels, cells, argmax),
+            numba.types.void(cells, table, rois, levels, argmax, flat))
+
+
+def _compile_cuda_kernels():
+    kernels = {}
+    for dtype, real in ((torch.float32, np.float32), (torch.float64, np.float64)):
+        forward, backward = _cuda_kernels_in(real)
+        forward_signature, backward_signature = _cuda_signature(real)
+        kernels[dtype] = (LazyKernel(forward, forward_signature), LazyKernel(backward, backward_signature))
+    return kernels
+
+
+CUDA_KERNELS = _compile_cuda_kernels()  # torch dtype -> (forward, backward) LazyKernels
+
+
+def _cuda_forward_levels(features, rois, roi_levels, params):
+    """features: L maps; rois: [K, 5]; roi_levels: [K] int64 -> (output, argmax) [K, C, ph, pw], in
+    the compute dtype (float32 for bf16/fp16 maps, read into float32 as they are gathered)."""
+    (pooled_h, pooled_w), spatial_scales = params
+    dtype, device = CUDA_COMPUTE_DTYPES[features[0].dtype], features[0].device
+    shape = (rois.shape[0], features[0].shape[1], pooled_h, pooled_w)
+    output = torch.empty(shape, dtype=dtype, device=device)
+    argmax = torch.empty(shape, dtype=ARGMAX_DTYPE, device=device)
     if output.numel() > 0:
-        cuda_launch(_forward_cuda, output.numel(), (features.detach(), rois.detach()),
-                    (spatial_scale, features.dtype == torch.float32),
-                    (output, argmax), features.device)
+        table, _ = _level_table([f.shape for f in features], device)
+        inputs = (_flat_maps([f.detach() for f in features], dtype), table,
+                  _level_scales(spatial_scales, dtype, device), rois.detach().to(dtype), roi_levels)
+        cuda_launch(CUDA_KERNELS[dtype][0], output.numel(), inputs, (), (output, argmax), device)
     return output, argmax
 
 
-def _cuda_backward(grad_output, rois, argmax, feature_shape):
-    grad_features = torch.zeros(feature_shape, dtype=grad_output.dtype, device=grad_output.device)
+def _cuda_backward_levels(grad_output, rois, roi_levels, argmax, feature_shapes):
+    """-> one gradient per map, [N_l, C, H_l, W_l] views of one flat buffer (compute dtype)."""
+    dtype, device = grad_output.dtype, grad_output.device
+    table, total = _level_table(feature_shapes, device)
+    grad_flat = torch.zeros(total, dtype=dtype, device=device)
     if grad_output.numel() > 0:
-        cuda_launch(_backward_cuda, grad_output.numel(), (grad_output.detach().contiguous(), rois.detach(), argmax), (),
-                    (grad_features,), grad_output.device)
-    return grad_features
+        inputs = (grad_output.detach(), table, rois.detach().to(dtype), roi_levels, argmax)
+        cuda_launch(CUDA_KERNELS[dtype][1], grad_output.numel(), inputs, (), (grad_flat,), device)
+    grads, offset = [], 0
+    for shape in feature_shapes:
+        size = math.prod(shape)
+        grads.append(grad_flat[offset:offset + size].view(shape))
+        offset += size
+    return grads
+
+
+def _cuda_forward(features, rois, params):
+    output_size, spatial_scale = params
+    roi_levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
+    return _cuda_forward_levels([features], rois, roi_levels, (output_size, (spatial_scale,)))
+
+
+def _cuda_backward(grad_output, rois, argmax, feature_shape):
+    roi_levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
+    (grad,) = _cuda_backward_levels(grad_output, rois, roi_levels, argmax, [feature_shape])
+    return grad
 
 
 # ---------------------------------------------------------------------------
@@ -452,3 +531,57 @@ class RoIPool(nn.Module):
 
     def extra_repr(self):
         return f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, backend={self.backend!r}"
+
+
+# ---------------------------------------------------------------------------
+# 6b. Several maps at once: each RoI pooled from its own map (a pooler's FPN
+#     levels). On CUDA one kernel launch for all maps; on CPU one roi_pool call
+#     per map, exactly as roi_pool(features[l], rois[roi_levels == l], ...).
+# ---------------------------------------------------------------------------
+
+
+class _RoIPoolLevelsFunction(torch.autograd.Function):
+    """The CUDA path of roi_pool_levels: one launch forward, one backward."""
+
+    @staticmethod
+    def forward(ctx, rois, roi_levels, params, *features):
+        output, argmax = _cuda_forward_levels(list(features), rois, roi_levels, params)
+        ctx.save_for_backward(rois, roi_levels, argmax)
+        ctx.feature_shapes = [tuple(f.shape) for f in features]
+        ctx.feature_dtypes = [f.dtype for f in features]
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        rois, roi_levels, argmax = ctx.saved_tensors
+        grads = _cuda_backward_levels(grad_output.contiguous(), rois, roi_levels, argmax, ctx.feature_shapes)
+        # (a map read in bf16 gets its gradient back in bf16, as a cast of the map would give it)
+        return (None, None, None, *(g.to(dtype) for g, dtype in zip(grads, ctx.feature_dtypes)))
+
+
+def roi_pool_levels(features, rois, roi_levels, output_size, spatial_scales, backend="auto"):
+    """RoIPool of each RoI on its own map: RoI k is pooled from features[roi_levels[k]] at
+    spatial_scales[roi_levels[k]]. On CUDA one kernel launch for all maps (a pooler's FPN levels).
+
+    features: L tensors [N_l, C, H_l, W_l] (same C, dtype and device; on CUDA also bf16/fp16,
+        read into float32 as the maps are gathered)
+    rois: [K, 5] (batch_index into its own map, x1, y1, x2, y2); roi_levels: [K] int64 in [0, L)
+    spatial_scales: L numbers; output_size, backend: as roi_pool's
+    Returns: [K, C, ph, pw] in float32/float64 (the maps' type; float32 for bf16/fp16 maps),
+    row k equal to roi_pool(features[l], rois[k:k+1], output_size, spatial_scales[l]).
+    """
+    pooled = output_size_pair(output_size)
+    spatial_scales = tuple(check_spatial_scale(scale) for scale in spatial_scales)
+    compute = _check_levels(features, rois, roi_levels, spatial_scales, backend)
+    backend = resolve_backend(backend, features[0])
+    rois = rois.detach().to(compute)
+    if backend == "cuda":
+        check_cuda_backend(features[0].device)
+        return _RoIPoolLevelsFunction.apply(rois, roi_levels, (pooled, spatial_scales), *features)
+    output = features[0].new_zeros((rois.shape[0], features[0].shape[1], *pooled))
+    for level, (level_features, spatial_scale) in enumerate(zip(features, spatial_scales)):
+        rows = torch.nonzero(roi_levels == level).flatten()
+        if rows.numel() > 0:
+            output = output.index_copy(0, rows, roi_pool(level_features, rois[rows], pooled, spatial_scale, backend))
+    return output

@@ -35,14 +35,16 @@ Semantics (RoIAlign's, REFERENCE.md, with two switches):
 Since only the corners are rounded, RoIWarp (ave) *is* RoIAlign on the rounded corners
 at spatial_scale 1; the "numba" and "cuda" backends run it that way, on roi_align's
 fast kernels (``quantized_rois`` below). The kernels of this file serve the max
-reduction. Their helpers repeat RoIAlign's geometry on purpose instead of importing
-the kernel internals of roi_align.py, which change independently; the NumPy
-reference covers all four combinations, and tests/test_roi_warp.py pins every
+reduction. The CPU kernels' helpers repeat RoIAlign's geometry, with the quantization
+in it, to be read beside the reference; the CUDA kernels are RoIAlign's with a max for
+the mean, on roi_align.py's device functions and flat level layout (one launch serves
+all of a pooler's levels: roi_warp_levels), with the corners rounded before the launch.
+The NumPy reference covers all four combinations, and tests/test_roi_warp.py pins every
 backend to it.
 
-The file reads top to bottom: 1. NumPy reference (the spec) -> 2. scalar helpers
-shared by CPU and CUDA -> 3. Numba CPU kernels -> 4. numba.cuda kernels -> 5. dispatch
--> 6. autograd function, public function and nn.Module.
+The file reads top to bottom: 1. NumPy reference (the spec) -> 2. scalar helpers of the
+CPU kernels -> 3. Numba CPU kernels -> 4. numba.cuda kernels -> 5. dispatch
+-> 6. autograd function, public function and nn.Module -> 6b. several maps at once.
 """
 
 import math
@@ -54,8 +56,9 @@ from numba import cuda
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from minimrcnn.ops._numba import cuda_launch, image_order, unravel_cell  # first: Numba set-up
-from minimrcnn.ops.roi_align import roi_align
+from minimrcnn.ops._numba import LazyKernel, c_array, cuda_launch, image_order  # first: Numba set-up
+from minimrcnn.ops.roi_align import (CUDA_COMPUTE_DTYPES, _check_levels, _cuda_device_functions_in, _flat_maps,
+                                     _level_scales, _level_table, roi_align, roi_align_levels)
 from minimrcnn.ops._validate import (
     check_cuda_backend,
     check_features_and_rois,
@@ -167,8 +170,9 @@ def _reference(features, rois, output_size, spatial_scale, sampling_ratio, align
 
 
 # ---------------------------------------------------------------------------
-# 2. Scalar helpers shared by the CPU and CUDA kernels (plain Python, compiled
-#    twice). No max()/min() builtins: numba's CUDA target rejects them.
+# 2. Scalar helpers of the CPU kernels (plain Python, compiled with numba.njit).
+#    No max()/min() builtins: numba's CUDA target rejects them, and these
+#    helpers state the same rules as the CUDA kernels' (section 4).
 # ---------------------------------------------------------------------------
 
 
@@ -209,13 +213,12 @@ def axis_taps(coord, size):
 
 _geometry_cpu = numba.njit(cache=True)(warp_geometry)
 _axis_cpu = numba.njit(cache=True)(axis_taps)
-_geometry_cuda = cuda.jit(device=True)(warp_geometry)
-_axis_cuda = cuda.jit(device=True)(axis_taps)
 
 # ---------------------------------------------------------------------------
-# 3. Numba CPU kernels on [N, C, H, W] maps. The forward runs one task per RoI;
-#    the backward one task per (image, channel chunk), which writes only its own
-#    planes of the gradient: no two threads ever add to the same pixel.
+# 3. Numba CPU kernels of the max reduction on [N, C, H, W] maps (the average
+#    runs on roi_align's kernels, see roi_warp). The forward runs one task per
+#    RoI; the backward one task per (image, channel chunk), which writes only
+#    its own planes of the gradient: no two threads ever add to the same pixel.
 # ---------------------------------------------------------------------------
 
 
@@ -236,29 +239,29 @@ def _sample_axis(start, bin_size, grid, pooled, size):
 
 @numba.njit(cache=True)
 def _roi_tables(roi, pooled_h, pooled_w, height, width, spatial_scale, sampling_ratio, aligned, quantize):
-    start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _geometry_cpu(
+    start_y, start_x, bin_h, bin_w, grid_h, grid_w, _ = _geometry_cpu(
         roi[1], roi[2], roi[3], roi[4], pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, quantize
     )
     ys = _sample_axis(start_y, bin_h, grid_h, pooled_h, height)
     xs = _sample_axis(start_x, bin_w, grid_w, pooled_w, width)
-    return ys, xs, grid_h, grid_w, count
+    return ys, xs, grid_h, grid_w
 
 
 @numba.njit(parallel=True, cache=True)
-def _forward_cpu(features, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, quantize, use_max,
-                 output, argmax):
-    """features: [N, C, H, W]; rois: [K, 5] float64; output [K, C, ph, pw] and argmax (int32, max only) written."""
+def _forward_cpu(features, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, quantize, output,
+                 argmax):
+    """features: [N, C, H, W]; rois: [K, 5] float64; output [K, C, ph, pw] (each bin's largest sample)
+    and argmax [K, C, ph, pw] int32 (that sample's index iy * gw + ix in its bin) written."""
     height, width, channels = features.shape[2], features.shape[3], features.shape[1]
     for k in numba.prange(rois.shape[0]):
         b = int(rois[k, 0])
-        (y_low, y_high, wy_low, wy_high), (x_low, x_high, wx_low, wx_high), grid_h, grid_w, count = _roi_tables(
+        (y_low, y_high, wy_low, wy_high), (x_low, x_high, wx_low, wx_high), grid_h, grid_w = _roi_tables(
             rois[k], pooled_h, pooled_w, height, width, spatial_scale, sampling_ratio, aligned, quantize
         )
         for c in range(channels):
             plane = features[b, c]
             for py in range(pooled_h):
                 for px in range(pooled_w):
-                    total = 0.0
                     best = 0.0
                     best_index = NO_SAMPLE
                     for iy in range(py * grid_h, (py + 1) * grid_h):
@@ -271,24 +274,21 @@ def _forward_cpu(features, rois, pooled_h, pooled_w, spatial_scale, sampling_rat
                                     + wy_high[iy] * (wx_low[ix] * plane[y_high[iy], x_low[ix]]
                                                      + wx_high[ix] * plane[y_high[iy], x_high[ix]])
                                 )
-                            total += value
                             if best_index == NO_SAMPLE or value > best:
                                 best = value
                                 best_index = (iy - py * grid_h) * grid_w + (ix - px * grid_w)
-                    if use_max:
-                        output[k, c, py, px] = best
-                        argmax[k, c, py, px] = best_index
-                    else:
-                        output[k, c, py, px] = total / count
+                    output[k, c, py, px] = best
+                    argmax[k, c, py, px] = best_index
 
 
 @numba.njit(parallel=True, cache=True)
 def _backward_cpu(grad_output, argmax, rois, rois_by_image, image_offsets, spatial_scale, sampling_ratio, aligned,
-                  quantize, use_max, channel_chunk, grad_features):
-    """grad_output: [K, C, ph, pw]; grad_features: [N, C, H, W] zeros, written chunk by chunk.
+                  quantize, channel_chunk, grad_features):
+    """grad_output, argmax: [K, C, ph, pw]; grad_features: [N, C, H, W] zeros, written chunk by chunk.
 
     Task (image b, channels c0..c1) runs over the RoIs of image b, builds each RoI's tables once
-    and adds into grad_features[b, c0:c1] only: no two tasks write the same pixel.
+    and adds each cell's gradient to the four pixels of its winning sample, in
+    grad_features[b, c0:c1] only: no two tasks write the same pixel.
     """
     num_images, channels, height, width = grad_features.shape
     pooled_h, pooled_w = grad_output.shape[2], grad_output.shape[3]
@@ -298,31 +298,23 @@ def _backward_cpu(grad_output, argmax, rois, rois_by_image, image_offsets, spati
         c1 = c0 + channel_chunk if c0 + channel_chunk < channels else channels
         for j in range(image_offsets[b], image_offsets[b + 1]):
             k = rois_by_image[j]
-            (y_low, y_high, wy_low, wy_high), (x_low, x_high, wx_low, wx_high), grid_h, grid_w, count = _roi_tables(
+            (y_low, y_high, wy_low, wy_high), (x_low, x_high, wx_low, wx_high), grid_h, grid_w = _roi_tables(
                 rois[k], pooled_h, pooled_w, height, width, spatial_scale, sampling_ratio, aligned, quantize
             )
             for c in range(c0, c1):
                 plane = grad_features[b, c]
                 for py in range(pooled_h):
                     for px in range(pooled_w):
+                        s = argmax[k, c, py, px]
+                        if s == NO_SAMPLE:
+                            continue
                         grad = grad_output[k, c, py, px]
-                        if use_max:
-                            s = argmax[k, c, py, px]
-                            if s == NO_SAMPLE:
-                                continue
-                            first_y, last_y = py * grid_h + s // grid_w, py * grid_h + s // grid_w + 1
-                            first_x, last_x = px * grid_w + s % grid_w, px * grid_w + s % grid_w + 1
-                        else:
-                            grad = grad / count
-                            first_y, last_y = py * grid_h, (py + 1) * grid_h
-                            first_x, last_x = px * grid_w, (px + 1) * grid_w
-                        for iy in range(first_y, last_y):
-                            for ix in range(first_x, last_x):
-                                # outside samples have zero weights: they add nothing
-                                plane[y_low[iy], x_low[ix]] += grad * wy_low[iy] * wx_low[ix]
-                                plane[y_low[iy], x_high[ix]] += grad * wy_low[iy] * wx_high[ix]
-                                plane[y_high[iy], x_low[ix]] += grad * wy_high[iy] * wx_low[ix]
-                                plane[y_high[iy], x_high[ix]] += grad * wy_high[iy] * wx_high[ix]
+                        iy, ix = py * grid_h + s // grid_w, px * grid_w + s % grid_w
+                        # an outside sample has zero weights: it adds nothing
+                        plane[y_low[iy], x_low[ix]] += grad * wy_low[iy] * wx_low[ix]
+                        plane[y_low[iy], x_high[ix]] += grad * wy_low[iy] * wx_high[ix]
+                        plane[y_high[iy], x_low[ix]] += grad * wy_high[iy] * wx_low[ix]
+                        plane[y_high[iy], x_high[ix]] += grad * wy_high[iy] * wx_high[ix]
 
 
 def _empty_outputs(features, rois, pooled):
@@ -333,17 +325,16 @@ def _empty_outputs(features, rois, pooled):
 
 
 def _numba_forward(features, rois, params):
-    pooled, spatial_scale, sampling_ratio, aligned, quantize, reduction = params
+    pooled, spatial_scale, sampling_ratio, aligned, quantize, _ = params  # (reduction "max")
     output, argmax = _empty_outputs(features, rois, pooled)
     if output.numel() > 0:
         _forward_cpu(features.detach().contiguous().numpy(), rois.detach().numpy().astype(np.float64), *pooled,
-                     spatial_scale, sampling_ratio, aligned, quantize, reduction == "max", output.numpy(),
-                     argmax.numpy())
+                     spatial_scale, sampling_ratio, aligned, quantize, output.numpy(), argmax.numpy())
     return output, argmax
 
 
 def _numba_backward(grad_output, argmax, rois, feature_shape, params):
-    _, spatial_scale, sampling_ratio, aligned, quantize, reduction = params
+    _, spatial_scale, sampling_ratio, aligned, quantize, _ = params
     grad_features = torch.zeros(feature_shape, dtype=grad_output.dtype)
     if grad_output.numel() > 0:
         rois64 = rois.detach().numpy().astype(np.float64)
@@ -352,118 +343,163 @@ def _numba_backward(grad_output, argmax, rois, feature_shape, params):
         threads = numba.get_num_threads()
         chunk = max(1, min(16, -(-feature_shape[1] * feature_shape[0] // (2 * threads))))
         _backward_cpu(grad_output.detach().contiguous().numpy(), argmax.numpy(), rois64, rois_by_image,
-                      image_offsets, spatial_scale, sampling_ratio, aligned, quantize, reduction == "max", chunk,
-                      grad_features.numpy())
+                      image_offsets, spatial_scale, sampling_ratio, aligned, quantize, chunk, grad_features.numpy())
     return grad_features
 
 
 # ---------------------------------------------------------------------------
-# 4. CUDA kernels (numba.cuda): one thread per output cell; the backward adds
-#    with atomics, as several RoIs may read the same pixel. Under
-#    NUMBA_ENABLE_CUDASIM=1 the same kernels run, slowly, on CPU arrays.
+# 4. CUDA kernels of the max reduction (numba.cuda): one thread per output
+#    cell; the backward adds with atomics, as several RoIs may read the same
+#    pixel. Under NUMBA_ENABLE_CUDASIM=1 the same kernels run, slowly, on CPU
+#    arrays.
+#
+#    They are RoIAlign's kernels with a max for the mean, and share its layout
+#    and device functions (roi_align.py, section 4): the maps as one flat buffer
+#    with a level table, so that one launch serves several maps (a pooler's
+#    levels); one kernel per float type, all arithmetic in that type (a float32
+#    kernel has no float64 operation). The quantized corners are rounded before
+#    the launch, in float64 as the reference rounds them (quantized_rois), and
+#    the kernels sample them at scale 1: in float32 x * scale could round to
+#    another integer, and the rounded corners are exact in float32.
 # ---------------------------------------------------------------------------
 
 
-@cuda.jit(device=True)
-def _sample_cuda(plane_b, c, y, x, height, width, features):
-    """Bilinear value at (y, x) of features[plane_b, c]; 0 outside (the map is not read)."""
-    y_low, y_high, wy_low, wy_high = _axis_cuda(y, height)
-    x_low, x_high, wx_low, wx_high = _axis_cuda(x, width)
-    if (wy_low == 0.0 and wy_high == 0.0) or (wx_low == 0.0 and wx_high == 0.0):
-        return 0.0
-    return (wy_low * (wx_low * features[plane_b, c, y_low, x_low] + wx_high * features[plane_b, c, y_low, x_high])
-            + wy_high * (wx_low * features[plane_b, c, y_high, x_low] + wx_high * features[plane_b, c, y_high, x_high]))
+def _cuda_kernels_in(real):
+    """The (forward, backward) Python functions of the max-reduction CUDA kernels in float type `real`."""
+    cell_setup, interpolation, sample = _cuda_device_functions_in(real)
 
-
-@cuda.jit
-def _forward_cuda(features, rois, spatial_scale, sampling_ratio, aligned, quantize, use_max, output, argmax):
-    """features: [N, C, H, W]; rois: [K, 5]; output, argmax: [K, C, ph, pw] (written)."""
-    num_rois, channels, pooled_h, pooled_w = output.shape
-    height, width = features.shape[2], features.shape[3]
-    for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
-        k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
-        b = int(rois[k, 0])
-        start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _geometry_cuda(
-            rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], pooled_h, pooled_w, spatial_scale, sampling_ratio,
-            aligned, quantize
-        )
-        total = 0.0
-        best = 0.0
-        best_index = NO_SAMPLE
-        for iy in range(grid_h):
-            y = start_y + py * bin_h + (iy + 0.5) * bin_h / grid_h
-            for ix in range(grid_w):
-                value = _sample_cuda(b, c, y, start_x + px * bin_w + (ix + 0.5) * bin_w / grid_w, height, width,
-                                     features)
-                total += value
-                if best_index == NO_SAMPLE or value > best:
-                    best = value
-                    best_index = iy * grid_w + ix
-        if use_max:
+    def forward(features, level_table, level_scales, rois, roi_levels, sampling_ratio, aligned, output, argmax):
+        """features: [T] flat maps; level_table: [L, 3] int64; level_scales: [L]; rois: [K, 5];
+        roi_levels: [K] int64 in [0, L); output: [K, C, ph, pw] and argmax (int32) written."""
+        num_rois, channels, pooled_h, pooled_w = output.shape
+        for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
+            k, c, py, px, height, width, plane, start_y, start_x, bin_h, bin_w, grid_h, grid_w, _ = cell_setup(
+                index, output.shape, level_table, level_scales, rois, roi_levels, sampling_ratio, aligned)
+            best = real(0.0)
+            best_index = NO_SAMPLE
+            for iy in range(grid_h):
+                y_low, y_high, wy_low, wy_high = interpolation(sample(start_y, py, bin_h, iy, grid_h), height)
+                row_low, row_high = plane + y_low * width, plane + y_high * width
+                for ix in range(grid_w):
+                    x_low, x_high, wx_low, wx_high = interpolation(sample(start_x, px, bin_w, ix, grid_w), width)
+                    value = real(0.0)  # outside samples are 0 and do not read the map (0 * inf = NaN)
+                    if (wy_low != real(0.0) or wy_high != real(0.0)) and (wx_low != real(0.0) or wx_high != real(0.0)):
+                        value = (
+                            wy_low * (wx_low * features[row_low + x_low] + wx_high * features[row_low + x_high])
+                            + wy_high * (wx_low * features[row_high + x_low] + wx_high * features[row_high + x_high])
+                        )
+                    if best_index == NO_SAMPLE or value > best:  # strict: the first sample wins ties
+                        best = value
+                        best_index = iy * grid_w + ix
             output[k, c, py, px] = best
             argmax[k, c, py, px] = best_index
-        else:
-            output[k, c, py, px] = total / count
 
-
-@cuda.jit(device=True)
-def _scatter_cuda(grad_features, b, c, y, x, height, width, grad):
-    y_low, y_high, wy_low, wy_high = _axis_cuda(y, height)
-    x_low, x_high, wx_low, wx_high = _axis_cuda(x, width)
-    if (wy_low == 0.0 and wy_high == 0.0) or (wx_low == 0.0 and wx_high == 0.0):
-        return  # outside: no gradient (and no atomics on pixel 0)
-    cuda.atomic.add(grad_features, (b, c, y_low, x_low), grad * wy_low * wx_low)
-    cuda.atomic.add(grad_features, (b, c, y_low, x_high), grad * wy_low * wx_high)
-    cuda.atomic.add(grad_features, (b, c, y_high, x_low), grad * wy_high * wx_low)
-    cuda.atomic.add(grad_features, (b, c, y_high, x_high), grad * wy_high * wx_high)
-
-
-@cuda.jit
-def _backward_cuda(grad_output, argmax, rois, spatial_scale, sampling_ratio, aligned, quantize, use_max,
-                   grad_features):
-    """grad_output, argmax: [K, C, ph, pw]; grad_features: [N, C, H, W] zeros (atomically accumulated into)."""
-    num_rois, channels, pooled_h, pooled_w = grad_output.shape
-    height, width = grad_features.shape[2], grad_features.shape[3]
-    for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
-        k, c, py, px = unravel_cell(index, channels, pooled_h, pooled_w)
-        b = int(rois[k, 0])
-        start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _geometry_cuda(
-            rois[k, 1], rois[k, 2], rois[k, 3], rois[k, 4], pooled_h, pooled_w, spatial_scale, sampling_ratio,
-            aligned, quantize
-        )
-        if use_max:
+    def backward(grad_output, argmax, level_table, level_scales, rois, roi_levels, sampling_ratio, aligned,
+                 grad_features):
+        """grad_output, argmax: [K, C, ph, pw]; grad_features: [T] flat zeros (atomically accumulated into)."""
+        num_rois, channels, pooled_h, pooled_w = grad_output.shape
+        for index in range(cuda.grid(1), num_rois * channels * pooled_h * pooled_w, cuda.gridsize(1)):
+            k, c, py, px, height, width, plane, start_y, start_x, bin_h, bin_w, grid_h, grid_w, _ = cell_setup(
+                index, grad_output.shape, level_table, level_scales, rois, roi_levels, sampling_ratio, aligned)
             s = argmax[k, c, py, px]
-            if s != NO_SAMPLE:
-                y = start_y + py * bin_h + (s // grid_w + 0.5) * bin_h / grid_h
-                x = start_x + px * bin_w + (s % grid_w + 0.5) * bin_w / grid_w
-                _scatter_cuda(grad_features, b, c, y, x, height, width, grad_output[k, c, py, px])
-            continue
-        grad = grad_output[k, c, py, px] / count
-        for iy in range(grid_h):
-            y = start_y + py * bin_h + (iy + 0.5) * bin_h / grid_h
-            for ix in range(grid_w):
-                _scatter_cuda(grad_features, b, c, y, start_x + px * bin_w + (ix + 0.5) * bin_w / grid_w, height,
-                              width, grad)
+            if s == NO_SAMPLE:
+                continue
+            y_low, y_high, wy_low, wy_high = interpolation(sample(start_y, py, bin_h, s // grid_w, grid_h), height)
+            x_low, x_high, wx_low, wx_high = interpolation(sample(start_x, px, bin_w, s % grid_w, grid_w), width)
+            if (wy_low == real(0.0) and wy_high == real(0.0)) or (wx_low == real(0.0) and wx_high == real(0.0)):
+                continue  # an outside sample won: no gradient (and no atomics on pixel 0)
+            grad = grad_output[k, c, py, px]
+            row_low, row_high = plane + y_low * width, plane + y_high * width
+            cuda.atomic.add(grad_features, row_low + x_low, grad * wy_low * wx_low)
+            cuda.atomic.add(grad_features, row_low + x_high, grad * wy_low * wx_high)
+            cuda.atomic.add(grad_features, row_high + x_low, grad * wy_high * wx_low)
+            cuda.atomic.add(grad_features, row_high + x_high, grad * wy_high * wx_high)
+
+    return forward, backward
 
 
-def _cuda_forward(features, rois, params):
-    _, spatial_scale, sampling_ratio, aligned, quantize, reduction = params
-    output, argmax = _empty_outputs(features, rois, params[0])
+def _cuda_signature(real):
+    """(forward, backward) signatures: void(maps [T], level_table, level_scales, rois, roi_levels,
+    sampling_ratio, aligned, output, argmax) and void(grad_output, argmax, level_table, ..., grad_maps [T])."""
+    flat, table, rois = c_array(real, 1), c_array(np.int64, 2), c_array(real, 2)
+    cells, argmax, levels = c_array(real, 4), c_array(np.int32, 4), c_array(np.int64, 1)
+    tail = (table, flat, rois, levels, numba.types.int64, numba.types.boolean)
+    return numba.types.void(flat, *tail, cells, argmax), numba.types.void(cells, argmax, *tail, flat)
+
+
+def _compile_cuda_kernels():
+    kernels = {}
+    for dtype, real in ((torch.float32, np.float32), (torch.float64, np.float64)):
+        forward, backward = _cuda_kernels_in(real)
+        forward_signature, backward_signature = _cuda_signature(real)
+        kernels[dtype] = (LazyKernel(forward, forward_signature), LazyKernel(backward, backward_signature))
+    return kernels
+
+
+CUDA_KERNELS = _compile_cuda_kernels()  # torch dtype -> (forward, backward) LazyKernels of the max
+
+
+def _kernel_rois(rois, roi_levels, spatial_scales, quantize, dtype):
+    """The RoIs and [L] scales the kernels sample: as given, or (quantize) with corners rounded in
+    float64 at their map's scale and scales of 1."""
+    if not quantize:
+        return rois.detach().to(dtype), spatial_scales
+    if len(spatial_scales) == 1:
+        scale = spatial_scales[0]
+    else:  # each RoI's own map's scale, [K, 1]
+        scale = _level_scales(spatial_scales, torch.float64, rois.device)[roi_levels][:, None]
+    return quantized_rois(rois.detach(), scale).to(dtype), (1.0,) * len(spatial_scales)
+
+
+def _cuda_forward_levels(features, rois, roi_levels, params):
+    """features: L maps; rois: [K, 5]; roi_levels: [K] int64 -> (output, argmax) [K, C, ph, pw], in
+    the compute dtype; params = (output_size, spatial_scales, sampling_ratio, aligned, quantize)."""
+    pooled, spatial_scales, sampling_ratio, aligned, quantize = params
+    dtype, device = CUDA_COMPUTE_DTYPES[features[0].dtype], features[0].device  # (bf16 maps: float32)
+    output = torch.zeros((rois.shape[0], features[0].shape[1], *pooled), dtype=dtype, device=device)
+    argmax = torch.full(output.shape, NO_SAMPLE, dtype=torch.int32, device=device)
     if output.numel() > 0:
-        scalars = (spatial_scale, sampling_ratio, aligned, quantize, reduction == "max")
-        cuda_launch(_forward_cuda, output.numel(), (features.detach(), rois.detach()), scalars, (output, argmax),
-                    features.device)
+        kernel_rois, scales = _kernel_rois(rois, roi_levels, spatial_scales, quantize, dtype)
+        table, _ = _level_table([f.shape for f in features], device)
+        inputs = (_flat_maps([f.detach() for f in features], dtype), table, _level_scales(scales, dtype, device),
+                  kernel_rois, roi_levels)
+        cuda_launch(CUDA_KERNELS[dtype][0], output.numel(), inputs, (sampling_ratio, aligned), (output, argmax),
+                    device)
     return output, argmax
 
 
-def _cuda_backward(grad_output, argmax, rois, feature_shape, params):
-    _, spatial_scale, sampling_ratio, aligned, quantize, reduction = params
-    grad_features = torch.zeros(feature_shape, dtype=grad_output.dtype, device=grad_output.device)
+def _cuda_backward_levels(grad_output, argmax, rois, roi_levels, feature_shapes, params):
+    """-> one gradient per map, [N_l, C, H_l, W_l] views of one flat buffer."""
+    _, spatial_scales, sampling_ratio, aligned, quantize = params
+    dtype, device = grad_output.dtype, grad_output.device
+    table, total = _level_table(feature_shapes, device)
+    grad_flat = torch.zeros(total, dtype=dtype, device=device)
     if grad_output.numel() > 0:
-        scalars = (spatial_scale, sampling_ratio, aligned, quantize, reduction == "max")
-        cuda_launch(_backward_cuda, grad_output.numel(), (grad_output.detach(), argmax, rois.detach()), scalars,
-                    (grad_features,), grad_output.device)
-    return grad_features
+        kernel_rois, scales = _kernel_rois(rois, roi_levels, spatial_scales, quantize, dtype)
+        inputs = (grad_output.detach(), argmax, table, _level_scales(scales, dtype, device), kernel_rois, roi_levels)
+        cuda_launch(CUDA_KERNELS[dtype][1], grad_output.numel(), inputs, (sampling_ratio, aligned), (grad_flat,),
+                    device)
+    grads, offset = [], 0
+    for shape in feature_shapes:
+        size = math.prod(shape)
+        grads.append(grad_flat[offset:offset + size].view(shape))
+        offset += size
+    return grads
+
+
+def _cuda_forward(features, rois, params):
+    pooled, spatial_scale, sampling_ratio, aligned, quantize, _ = params  # (reduction "max")
+    roi_levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
+    return _cuda_forward_levels([features], rois, roi_levels, (pooled, (spatial_scale,), sampling_ratio, aligned,
+                                                               quantize))
+
+
+def _cuda_backward(grad_output, argmax, rois, feature_shape, params):
+    pooled, spatial_scale, sampling_ratio, aligned, quantize, _ = params
+    roi_levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
+    (grad,) = _cuda_backward_levels(grad_output, argmax, rois, roi_levels, [feature_shape],
+                                    (pooled, (spatial_scale,), sampling_ratio, aligned, quantize))
+    return grad
 
 
 # ---------------------------------------------------------------------------
@@ -580,4 +616,74 @@ class RoIWarp(nn.Module):
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
 
 
-__all__ = ["RoIWarp", "quantized_rois", "roi_warp", "roi_warp_reference", "roi_warp_backward_reference", "warp_geometry"]
+# ---------------------------------------------------------------------------
+# 6b. Several maps at once: each RoI pooled from its own map (a pooler's FPN
+#     levels). On CUDA one kernel launch for all maps; on CPU one roi_warp call
+#     per map, exactly as roi_warp(features[l], rois[roi_levels == l], ...).
+# ---------------------------------------------------------------------------
+
+
+class _RoIWarpMaxLevelsFunction(torch.autograd.Function):
+    """The CUDA path of roi_warp_levels with the max reduction: one launch forward, one backward."""
+
+    @staticmethod
+    def forward(ctx, rois, roi_levels, params, *features):
+        output, argmax = _cuda_forward_levels(list(features), rois, roi_levels, params)
+        ctx.save_for_backward(rois, roi_levels, argmax)
+        ctx.params = params
+        ctx.feature_shapes = [tuple(f.shape) for f in features]
+        ctx.feature_dtypes = [f.dtype for f in features]
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        rois, roi_levels, argmax = ctx.saved_tensors
+        grads = _cuda_backward_levels(grad_output.contiguous(), argmax, rois, roi_levels, ctx.feature_shapes,
+                                      ctx.params)
+        # (a map read in bf16 gets its gradient back in bf16, as a cast of the map would give it)
+        return (None, None, None, *(g.to(dtype) for g, dtype in zip(grads, ctx.feature_dtypes)))
+
+
+def roi_warp_levels(features, rois, roi_levels, output_size, spatial_scales, sampling_ratio=-1, aligned=True,
+                    quantize=True, reduction="avg", backend="auto"):
+    """roi_warp of each RoI on its own map: RoI k is pooled from features[roi_levels[k]] at
+    spatial_scales[roi_levels[k]]. On CUDA one kernel launch for all maps (a pooler's FPN levels):
+    the max kernels of this file, or for "avg" roi_align_levels on the rounded corners.
+
+    features: L tensors [N_l, C, H_l, W_l] (same C, dtype and device; on CUDA also bf16/fp16,
+        read into float32 as the maps are gathered)
+    rois: [K, 5] (batch_index into its own map, x1, y1, x2, y2); roi_levels: [K] int64 in [0, L)
+    spatial_scales: L numbers; the other arguments: as roi_warp's
+    Returns: [K, C, ph, pw] in float32/float64 (the maps' type; float32 for bf16/fp16 maps),
+    row k equal to roi_warp(features[l], rois[k:k+1], output_size, spatial_scales[l], ...).
+    """
+    pooled = output_size_pair(output_size)
+    spatial_scales = tuple(check_spatial_scale(scale) for scale in spatial_scales)
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, (int, np.integer)):
+        raise TypeError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    compute = _check_levels(features, rois, roi_levels, spatial_scales, backend)
+    backend = resolve_backend(backend, features[0])
+    rois, sampling_ratio, aligned, quantize = rois.detach().to(compute), int(sampling_ratio), bool(aligned), \
+        bool(quantize)
+    if backend == "cuda":
+        check_cuda_backend(features[0].device)
+        if reduction == "avg":  # as roi_warp: RoIAlign on the corners rounded at their map's scale
+            rois, scales = _kernel_rois(rois, roi_levels, spatial_scales, quantize, compute)
+            return roi_align_levels(features, rois, roi_levels, pooled, scales, sampling_ratio, aligned, backend)
+        params = (pooled, spatial_scales, sampling_ratio, aligned, quantize)
+        return _RoIWarpMaxLevelsFunction.apply(rois, roi_levels, params, *features)
+    output = features[0].new_zeros((rois.shape[0], features[0].shape[1], *pooled))
+    for level, (level_features, spatial_scale) in enumerate(zip(features, spatial_scales)):
+        rows = torch.nonzero(roi_levels == level).flatten()
+        if rows.numel() > 0:
+            pooled_rows = roi_warp(level_features, rois[rows], pooled, spatial_scale, sampling_ratio, aligned, quantize,
+                                   reduction, backend)
+            output = output.index_copy(0, rows, pooled_rows)
+    return output
+
+
+__all__ = ["RoIWarp", "quantized_rois", "roi_warp", "roi_warp_levels", "roi_warp_reference",
+           "roi_warp_backward_reference", "warp_geometry"]
