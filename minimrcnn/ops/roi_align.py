@@ -19,7 +19,6 @@ shared by CPU and CUDA -> 3. Numba CPU kernels -> 4. numba.cuda kernels -> 5. di
 against the reference (also of the CUDA kernels under the simulator).
 """
 
-import functools
 import math
 
 import numba
@@ -30,6 +29,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from minimrcnn.ops._numba import LazyKernel, c_array, cuda_launch, image_order, unravel_cell  # first: Numba set-up
+from minimrcnn.ops._maps import CUDA_COMPUTE_DTYPES, check_maps, flat_maps, level_scales, level_table
 from minimrcnn.ops._validate import (
     check_cuda_backend,
     check_features_and_rois,
@@ -403,8 +403,6 @@ def _numba_backward(grad_output, rois, feature_shape, params):
 #    kernel computes in its type T.
 # ---------------------------------------------------------------------------
 
-LEVEL_TABLE_COLUMNS = 3  # (offset of the level's block in the flat buffer, H_l, W_l)
-
 
 def _cuda_helpers_in(real):
     """roi_geometry and linear_interpolation_1d with every operand and constant in `real`."""
@@ -443,7 +441,7 @@ def _cuda_helpers_in(real):
     return geometry, interpolation, sample
 
 
-def _cuda_device_functions_in(real):
+def cuda_device_functions_in(real):
     """(cell_setup, interpolation, sample): CUDA device functions in float type `real` for
     kernels with one thread per output cell over flat level maps (RoIAlign's; RoIWarp's max
     kernels use them too). cell_setup is the per-cell set-up that every such kernel starts with."""
@@ -470,7 +468,7 @@ def _cuda_device_functions_in(real):
 
 def _cuda_kernels_in(real):
     """The (forward, backward) Python functions of the CUDA kernels in float type `real`."""
-    cell_setup, interpolation, sample = _cuda_device_functions_in(real)
+    cell_setup, interpolation, sample = cuda_device_functions_in(real)
 
     def forward(features, level_table, level_scales, rois, roi_levels, sampling_ratio, aligned, output):
         """features: [T] flat maps; level_table: [L, 3] int64; level_scales: [L]; rois: [K, 5];
@@ -538,55 +536,15 @@ def _compile_cuda_kernels():
 
 
 CUDA_KERNELS = _compile_cuda_kernels()  # torch dtype -> (forward, backward) LazyKernels
-# Maps in another float type (bf16/fp16 under autocast) are read into a float32 buffer.
-CUDA_COMPUTE_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64,
-                       torch.bfloat16: torch.float32, torch.float16: torch.float32}
-
-
-def _level_table(shapes, device):
-    """[L, 3] int64 (offset, H_l, W_l) of maps of these [N_l, C, H_l, W_l] shapes, on `device`;
-    and the flat size T. Cached: the pyramid has the same shapes every step."""
-    return _cached_level_table(tuple(tuple(shape) for shape in shapes), device)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_level_table(shapes, device):
-    rows, offset = [], 0
-    for num_images, channels, height, width in shapes:
-        rows.append((offset, height, width))
-        offset += num_images * channels * height * width
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1, LEVEL_TABLE_COLUMNS).to(device), offset
-
-
-@functools.lru_cache(maxsize=64)
-def _level_scales(spatial_scales, dtype, device):
-    """[L] spatial scales in the kernel's float type, on `device` (cached)."""
-    return torch.tensor(spatial_scales, dtype=dtype).to(device)
-
-
-def _flat_maps(features, dtype):
-    """L maps [N_l, C, H_l, W_l] -> one flat [T] buffer of `dtype`, each map contiguous (NCHW) at
-    its level's offset. One map already contiguous in `dtype` is only viewed; otherwise every map
-    is copied once, and a bf16 map is cast to float32 in that same copy."""
-    if all(f.dtype == dtype and f.is_contiguous() for f in features):
-        return features[0].reshape(-1) if len(features) == 1 else torch.cat([f.reshape(-1) for f in features])
-    flat = torch.empty(sum(f.numel() for f in features), dtype=dtype, device=features[0].device)
-    offset = 0
-    for f in features:
-        flat[offset:offset + f.numel()].view(f.shape).copy_(f)
-        offset += f.numel()
-    return flat
-
-
 def _cuda_forward_levels(features, rois, roi_levels, params):
     """features: L maps; rois: [K, 5]; roi_levels: [K] int64 -> [K, C, ph, pw] in the compute dtype."""
     (pooled_h, pooled_w), spatial_scales, sampling_ratio, aligned = params
     dtype, device = CUDA_COMPUTE_DTYPES[features[0].dtype], features[0].device
     output = torch.empty((rois.shape[0], features[0].shape[1], pooled_h, pooled_w), dtype=dtype, device=device)
     if output.numel() > 0:
-        table, _ = _level_table([f.shape for f in features], device)
-        inputs = (_flat_maps([f.detach() for f in features], dtype), table,
-                  _level_scales(spatial_scales, dtype, device), rois.detach().to(dtype), roi_levels)
+        table, _ = level_table([f.shape for f in features], device)
+        inputs = (flat_maps([f.detach() for f in features], dtype), table,
+                  level_scales(spatial_scales, dtype, device), rois.detach().to(dtype), roi_levels)
         cuda_launch(CUDA_KERNELS[dtype][0], output.numel(), inputs, (sampling_ratio, aligned), (output,), device)
     return output
 
@@ -595,10 +553,10 @@ def _cuda_backward_levels(grad_output, rois, roi_levels, feature_shapes, params)
     """-> one gradient per level map, [N_l, C, H_l, W_l] views of one flat buffer (compute dtype)."""
     _, spatial_scales, sampling_ratio, aligned = params
     dtype, device = grad_output.dtype, grad_output.device
-    table, total = _level_table(feature_shapes, device)
+    table, total = level_table(feature_shapes, device)
     grad_flat = torch.zeros(total, dtype=dtype, device=device)
     if grad_output.numel() > 0:
-        inputs = (grad_output.detach(), table, _level_scales(spatial_scales, dtype, device), rois.detach().to(dtype),
+        inputs = (grad_output.detach(), table, level_scales(spatial_scales, dtype, device), rois.detach().to(dtype),
                   roi_levels)
         cuda_launch(CUDA_KERNELS[dtype][1], grad_output.numel(), inputs, (sampling_ratio, aligned), (grad_flat,),
                     device)
@@ -785,51 +743,6 @@ class _RoIAlignLevelsFunction(torch.autograd.Function):
         return (None, None, None, None, *(g.to(dtype) for g, dtype in zip(grads, ctx.feature_dtypes)))
 
 
-def _check_levels(features, rois, roi_levels, spatial_scales, backend):
-    """The arguments of roi_align_levels; returns the float type the kernels compute in."""
-    if not isinstance(features, (list, tuple)) or not features:
-        raise TypeError(f"features must be a non-empty list of [N_l, C, H_l, W_l] tensors, got {features!r}")
-    if not all(isinstance(f, torch.Tensor) for f in features):
-        raise TypeError("features must hold torch.Tensors only")
-    first = features[0]
-    on_cuda_backend = backend == "cuda" or (backend == "auto" and first.is_cuda)
-    allowed = tuple(CUDA_COMPUTE_DTYPES) if on_cuda_backend else (torch.float32, torch.float64)
-    for level, f in enumerate(features):
-        if f.dim() != 4:
-            raise ValueError(f"features[{level}] must be [N, C, H, W], got shape {tuple(f.shape)}")
-        if f.dtype not in allowed:
-            raise TypeError(f"features[{level}] must be one of {allowed}, got {f.dtype}")
-        if (f.dtype, f.device, f.shape[1]) != (first.dtype, first.device, first.shape[1]):
-            raise ValueError(f"features[{level}] ({f.dtype}, {f.device}, {f.shape[1]} channels) must match "
-                             f"features[0] ({first.dtype}, {first.device}, {first.shape[1]} channels)")
-    if len(spatial_scales) != len(features):
-        raise ValueError(f"spatial_scales: expected {len(features)} (one per map), got {len(spatial_scales)}")
-    if not isinstance(rois, torch.Tensor) or not rois.is_floating_point():
-        raise TypeError(f"rois must be a float tensor, got {type(rois).__name__}")
-    if rois.dim() != 2 or rois.shape[1] != 5:
-        raise ValueError(f"rois must be [K, 5] rows (batch_index, x1, y1, x2, y2), got shape {tuple(rois.shape)}")
-    if not isinstance(roi_levels, torch.Tensor) or roi_levels.dtype != torch.int64:
-        raise TypeError("roi_levels must be an int64 tensor")
-    if roi_levels.shape != (rois.shape[0],):
-        raise ValueError(f"roi_levels must be [K] (one per RoI, K = {rois.shape[0]}), got {tuple(roi_levels.shape)}")
-    for name, tensor in (("rois", rois), ("roi_levels", roi_levels)):
-        if tensor.device != first.device:
-            raise ValueError(f"{name} are on {tensor.device} but features are on {first.device}")
-    if first.device.type == "cpu" and rois.shape[0] > 0:  # values: read only where reading is free
-        values, levels = rois.detach().numpy(), roi_levels.numpy()
-        if not np.isfinite(values).all():
-            raise ValueError("rois must hold finite coordinates (found NaN or inf)")
-        if levels.min() < 0 or levels.max() >= len(features):
-            raise ValueError(f"roi_levels must hold map indices in [0, {len(features)})")
-        batch_index, num_images = values[:, 0], np.array([f.shape[0] for f in features])[levels]
-        bad = np.nonzero((batch_index < 0) | (batch_index >= num_images) | (batch_index != np.floor(batch_index)))[0]
-        if bad.size > 0:
-            raise ValueError(f"rois[{bad[0]}, 0] (batch index {batch_index[bad[0]]:g}) must be an integer in "
-                             f"[0, {num_images[bad[0]]}) (the images of features[{levels[bad[0]]}])")
-    compute = CUDA_COMPUTE_DTYPES[first.dtype]
-    return compute
-
-
 def roi_align_levels(features, rois, roi_levels, output_size, spatial_scales, sampling_ratio=-1, aligned=True,
                      backend="auto"):
     """RoIAlign of each RoI on its own map: RoI k is pooled from features[roi_levels[k]] at
@@ -846,7 +759,7 @@ def roi_align_levels(features, rois, roi_levels, output_size, spatial_scales, sa
     spatial_scales = tuple(check_spatial_scale(scale) for scale in spatial_scales)
     if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, (int, np.integer)):
         raise TypeError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
-    compute = _check_levels(features, rois, roi_levels, spatial_scales, backend)
+    compute = check_maps(features, rois, roi_levels, spatial_scales, backend)
     backend = resolve_backend(backend, features[0])
     if backend == "cuda":
         check_cuda_backend(features[0].device)

@@ -32,8 +32,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from minimrcnn.ops._numba import LazyKernel, c_array, cuda_launch, image_order, unravel_cell  # first: Numba set-up
-from minimrcnn.ops.roi_align import (CUDA_COMPUTE_DTYPES, _check_levels, _flat_maps, _level_scales,
-                                     _level_table)
+from minimrcnn.ops._maps import CUDA_COMPUTE_DTYPES, check_maps, flat_maps, level_scales, level_table
 from minimrcnn.ops._validate import (
     check_cuda_backend,
     check_features_and_rois,
@@ -412,9 +411,9 @@ def _cuda_forward_levels(features, rois, roi_levels, params):
     output = torch.empty(shape, dtype=dtype, device=device)
     argmax = torch.empty(shape, dtype=ARGMAX_DTYPE, device=device)
     if output.numel() > 0:
-        table, _ = _level_table([f.shape for f in features], device)
-        inputs = (_flat_maps([f.detach() for f in features], dtype), table,
-                  _level_scales(spatial_scales, dtype, device), rois.detach().to(dtype), roi_levels)
+        table, _ = level_table([f.shape for f in features], device)
+        inputs = (flat_maps([f.detach() for f in features], dtype), table,
+                  level_scales(spatial_scales, dtype, device), rois.detach().to(dtype), roi_levels)
         cuda_launch(CUDA_KERNELS[dtype][0], output.numel(), inputs, (), (output, argmax), device)
     return output, argmax
 
@@ -422,7 +421,7 @@ def _cuda_forward_levels(features, rois, roi_levels, params):
 def _cuda_backward_levels(grad_output, rois, roi_levels, argmax, feature_shapes):
     """-> one gradient per map, [N_l, C, H_l, W_l] views of one flat buffer (compute dtype)."""
     dtype, device = grad_output.dtype, grad_output.device
-    table, total = _level_table(feature_shapes, device)
+    table, total = level_table(feature_shapes, device)
     grad_flat = torch.zeros(total, dtype=dtype, device=device)
     if grad_output.numel() > 0:
         inputs = (grad_output.detach(), table, rois.detach().to(dtype), roi_levels, argmax)
@@ -573,7 +572,7 @@ def roi_pool_levels(features, rois, roi_levels, output_size, spatial_scales, bac
     """
     pooled = output_size_pair(output_size)
     spatial_scales = tuple(check_spatial_scale(scale) for scale in spatial_scales)
-    compute = _check_levels(features, rois, roi_levels, spatial_scales, backend)
+    compute = check_maps(features, rois, roi_levels, spatial_scales, backend)
     backend = resolve_backend(backend, features[0])
     rois = rois.detach().to(compute)
     if backend == "cuda":

@@ -57,8 +57,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from minimrcnn.ops._numba import LazyKernel, c_array, cuda_launch, image_order  # first: Numba set-up
-from minimrcnn.ops.roi_align import (CUDA_COMPUTE_DTYPES, _check_levels, _cuda_device_functions_in, _flat_maps,
-                                     _level_scales, _level_table, roi_align, roi_align_levels)
+from minimrcnn.ops._maps import CUDA_COMPUTE_DTYPES, check_maps, flat_maps, level_scales, level_table
+from minimrcnn.ops.roi_align import cuda_device_functions_in, roi_align, roi_align_levels
 from minimrcnn.ops._validate import (
     check_cuda_backend,
     check_features_and_rois,
@@ -366,7 +366,7 @@ def _numba_backward(grad_output, argmax, rois, feature_shape, params):
 
 def _cuda_kernels_in(real):
     """The (forward, backward) Python functions of the max-reduction CUDA kernels in float type `real`."""
-    cell_setup, interpolation, sample = _cuda_device_functions_in(real)
+    cell_setup, interpolation, sample = cuda_device_functions_in(real)
 
     def forward(features, level_table, level_scales, rois, roi_levels, sampling_ratio, aligned, output, argmax):
         """features: [T] flat maps; level_table: [L, 3] int64; level_scales: [L]; rois: [K, 5];
@@ -447,7 +447,7 @@ def _kernel_rois(rois, roi_levels, spatial_scales, quantize, dtype):
     if len(spatial_scales) == 1:
         scale = spatial_scales[0]
     else:  # each RoI's own map's scale, [K, 1]
-        scale = _level_scales(spatial_scales, torch.float64, rois.device)[roi_levels][:, None]
+        scale = level_scales(spatial_scales, torch.float64, rois.device)[roi_levels][:, None]
     return quantized_rois(rois.detach(), scale).to(dtype), (1.0,) * len(spatial_scales)
 
 
@@ -460,8 +460,8 @@ def _cuda_forward_levels(features, rois, roi_levels, params):
     argmax = torch.full(output.shape, NO_SAMPLE, dtype=torch.int32, device=device)
     if output.numel() > 0:
         kernel_rois, scales = _kernel_rois(rois, roi_levels, spatial_scales, quantize, dtype)
-        table, _ = _level_table([f.shape for f in features], device)
-        inputs = (_flat_maps([f.detach() for f in features], dtype), table, _level_scales(scales, dtype, device),
+        table, _ = level_table([f.shape for f in features], device)
+        inputs = (flat_maps([f.detach() for f in features], dtype), table, level_scales(scales, dtype, device),
                   kernel_rois, roi_levels)
         cuda_launch(CUDA_KERNELS[dtype][0], output.numel(), inputs, (sampling_ratio, aligned), (output, argmax),
                     device)
@@ -472,11 +472,11 @@ def _cuda_backward_levels(grad_output, argmax, rois, roi_levels, feature_shapes,
     """-> one gradient per map, [N_l, C, H_l, W_l] views of one flat buffer."""
     _, spatial_scales, sampling_ratio, aligned, quantize = params
     dtype, device = grad_output.dtype, grad_output.device
-    table, total = _level_table(feature_shapes, device)
+    table, total = level_table(feature_shapes, device)
     grad_flat = torch.zeros(total, dtype=dtype, device=device)
     if grad_output.numel() > 0:
         kernel_rois, scales = _kernel_rois(rois, roi_levels, spatial_scales, quantize, dtype)
-        inputs = (grad_output.detach(), argmax, table, _level_scales(scales, dtype, device), kernel_rois, roi_levels)
+        inputs = (grad_output.detach(), argmax, table, level_scales(scales, dtype, device), kernel_rois, roi_levels)
         cuda_launch(CUDA_KERNELS[dtype][1], grad_output.numel(), inputs, (sampling_ratio, aligned), (grad_flat,),
                     device)
     grads, offset = [], 0
@@ -664,7 +664,7 @@ def roi_warp_levels(features, rois, roi_levels, output_size, spatial_scales, sam
         raise TypeError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    compute = _check_levels(features, rois, roi_levels, spatial_scales, backend)
+    compute = check_maps(features, rois, roi_levels, spatial_scales, backend)
     backend = resolve_backend(backend, features[0])
     rois, sampling_ratio, aligned, quantize = rois.detach().to(compute), int(sampling_ratio), bool(aligned), \
         bool(quantize)
