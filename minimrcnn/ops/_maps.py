@@ -8,6 +8,7 @@ index. This module builds that buffer and table and checks the arguments, once f
 """
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -98,5 +99,16 @@ def check_maps(features, rois, roi_levels, spatial_scales, backend):
     compute = CUDA_COMPUTE_DTYPES[first.dtype]
     return compute
 
+def split_flat(flat, shapes):
+    """The inverse of ``flat_maps`` for a gradient: one [N_l, C, H_l, W_l] view per shape of the
+    flat [T] buffer, in order (no copies)."""
+    views, offset = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        views.append(flat[offset:offset + size].view(shape))
+        offset += size
+    return views
 
-__all__ = ["CUDA_COMPUTE_DTYPES", "LEVEL_TABLE_COLUMNS", "check_maps", "flat_maps", "level_scales", "level_table"]
+
+__all__ = ["CUDA_COMPUTE_DTYPES", "LEVEL_TABLE_COLUMNS", "check_maps", "flat_maps", "level_scales", "level_table",
+           "split_flat"]

@@ -120,6 +120,20 @@ class LazyKernel:
         return f"LazyKernel({self.py_func.__name__}, {self.signature})"
 
 
+def lazy_kernels_per_float_type(kernels_in, signature_in):
+    """{torch.float32: (forward, backward), torch.float64: ...} LazyKernels of an op whose
+    ``kernels_in(real)`` builds the (forward, backward) Python kernels in float type `real` and
+    ``signature_in(real)`` their (forward, backward) signatures."""
+    import torch
+
+    kernels = {}
+    for dtype, real in ((torch.float32, np.float32), (torch.float64, np.float64)):
+        forward, backward = kernels_in(real)
+        forward_signature, backward_signature = signature_in(real)
+        kernels[dtype] = (LazyKernel(forward, forward_signature), LazyKernel(backward, backward_signature))
+    return kernels
+
+
 def c_array(dtype, ndim):
     """The numba type of a C-contiguous array (what ``cuda_launch`` hands a kernel)."""
     return numba.types.Array(numba.from_dtype(np.dtype(dtype)), ndim, "C")

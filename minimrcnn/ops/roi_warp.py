@@ -56,8 +56,10 @@ from numba import cuda
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from minimrcnn.ops._numba import LazyKernel, c_array, cuda_launch, image_order  # first: Numba set-up
-from minimrcnn.ops._maps import CUDA_COMPUTE_DTYPES, check_maps, flat_maps, level_scales, level_table
+from minimrcnn.ops._numba import (  # first: Numba set-up
+    c_array, cuda_launch, image_order, lazy_kernels_per_float_type,
+)
+from minimrcnn.ops._maps import CUDA_COMPUTE_DTYPES, check_maps, flat_maps, level_scales, level_table, split_flat
 from minimrcnn.ops.roi_align import cuda_device_functions_in, roi_align, roi_align_levels
 from minimrcnn.ops._validate import (
     check_cuda_backend,
@@ -427,16 +429,7 @@ def _cuda_signature(real):
     return numba.types.void(flat, *tail, cells, argmax), numba.types.void(cells, argmax, *tail, flat)
 
 
-def _compile_cuda_kernels():
-    kernels = {}
-    for dtype, real in ((torch.float32, np.float32), (torch.float64, np.float64)):
-        forward, backward = _cuda_kernels_in(real)
-        forward_signature, backward_signature = _cuda_signature(real)
-        kernels[dtype] = (LazyKernel(forward, forward_signature), LazyKernel(backward, backward_signature))
-    return kernels
-
-
-CUDA_KERNELS = _compile_cuda_kernels()  # torch dtype -> (forward, backward) LazyKernels of the max
+CUDA_KERNELS = lazy_kernels_per_float_type(_cuda_kernels_in, _cuda_signature)  # torch dtype -> (forward, backward) LazyKernels of the max
 
 
 def _kernel_rois(rois, roi_levels, spatial_scales, quantize, dtype):
@@ -479,12 +472,7 @@ def _cuda_backward_levels(grad_output, argmax, rois, roi_levels, feature_shapes,
         inputs = (grad_output.detach(), argmax, table, level_scales(scales, dtype, device), kernel_rois, roi_levels)
         cuda_launch(CUDA_KERNELS[dtype][1], grad_output.numel(), inputs, (sampling_ratio, aligned), (grad_flat,),
                     device)
-    grads, offset = [], 0
-    for shape in feature_shapes:
-        size = math.prod(shape)
-        grads.append(grad_flat[offset:offset + size].view(shape))
-        offset += size
-    return grads
+    return split_flat(grad_flat, feature_shapes)
 
 
 def _cuda_forward(features, rois, params):
