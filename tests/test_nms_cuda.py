@@ -68,7 +68,7 @@ def test_cuda_tensors_dispatch_to_the_bitmask_nms(monkeypatch):
 
 
 def test_nms_kernel_compiles_for_a_real_gpu(monkeypatch):
-    from numba import cuda, types
+    from numba import cuda
     from numba.cuda import dispatcher
     from numba.cuda.cudadrv import nvvm
 
@@ -77,10 +77,9 @@ def test_nms_kernel_compiles_for_a_real_gpu(monkeypatch):
     if not nvvm.is_available():
         pytest.skip("no NVVM (libNVVM of a CUDA toolkit) here")
     monkeypatch.setattr(dispatcher, "get_current_device", lambda: _FakeDevice())
-    for dtype in (types.float32, types.float64):
-        args = (types.Array(dtype, 3, "A"), types.Array(types.int64, 2, "A"), types.Array(types.int64, 1, "A"),
-                types.float64, types.Array(types.int64, 3, "A"))
-        ptx, _ = cuda.compile_ptx(nms_cuda._suppression_masks.py_func, types.void(*args), cc=(9, 0))
+    assert set(nms_cuda.SUPPRESSION_KERNELS) == {torch.float32, torch.float64}
+    for kernel in nms_cuda.SUPPRESSION_KERNELS.values():  # the eager signatures the launches use
+        ptx, _ = cuda.compile_ptx(kernel.py_func, kernel.signature, cc=(9, 0))
         assert ".entry" in ptx
 
 

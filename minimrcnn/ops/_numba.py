@@ -25,6 +25,7 @@ compiler calls and which re-reads every NUMBA_* variable whenever one changed,
 keeps them) and in numba.config for a numba that is already imported.
 """
 
+import ctypes
 import os
 import tempfile
 from pathlib import Path
@@ -153,12 +154,39 @@ def numba_stream_of(torch_stream, device_index):
     return stream
 
 
+class DeviceArgument:
+    """A CUDA tensor as the argument of a numba kernel launch, without a DeviceNDArray.
+
+    ``cuda.as_cuda_array`` builds a DeviceNDArray per tensor per launch: torch writes out its
+    ``__cuda_array_interface__`` dict, numba asks the driver about the pointer, wraps it in a
+    MemoryPointer and an external stream. A compiled (specialized) kernel reads only this of
+    an array argument: that it is device memory (``__cuda_memory__``), its pointer, size,
+    dtype, ndim, shape and byte strides. So we hand it just that, read from the tensor.
+    tensor: a CUDA tensor (kept here, alive until the launch has been enqueued).
+    """
+
+    __cuda_memory__ = True
+    __slots__ = ("tensor", "device_ctypes_pointer", "size", "dtype", "ndim", "shape", "strides")
+
+    def __init__(self, tensor, nvidia_binding):
+        self.tensor = tensor
+        pointer = tensor.data_ptr()
+        # numba's launch takes int(pointer) with NVIDIA's bindings, pointer.value with its own ctypes ones
+        self.device_ctypes_pointer = pointer if nvidia_binding else ctypes.c_void_p(pointer)
+        self.size = tensor.numel()
+        self.dtype = np.dtype(str(tensor.dtype).removeprefix("torch."))
+        self.ndim = tensor.dim()
+        self.shape = tuple(tensor.shape)
+        self.strides = tuple(step * tensor.element_size() for step in tensor.stride())
+
+
 def cuda_launch(kernel, num_threads, inputs, scalars, outputs, device):
     """Run kernel(*inputs, *scalars, *outputs) over `num_threads` cells.
 
     kernel: a LazyKernel (or a plain ``cuda.jit`` dispatcher). CUDA tensors are handed over
-    without host copies, through __cuda_array_interface__ (a non-contiguous input gets one
-    contiguous copy on the device; outputs must be contiguous), and the kernel runs on
+    without host copies, as DeviceArguments to a LazyKernel (through __cuda_array_interface__ to
+    a plain dispatcher); a non-contiguous input gets one contiguous copy on the device, outputs
+    must be contiguous; and the kernel runs on
     torch's current stream, so it is ordered with torch's own work. Under the CUDA simulator
     (CPU tensors) they go as NumPy views.
     """
@@ -176,8 +204,12 @@ def cuda_launch(kernel, num_threads, inputs, scalars, outputs, device):
     if device.type == "cuda":
         import torch
 
-        # sync=False: no wait on the producer's stream, as we run on that same stream
-        arrays = [cuda.as_cuda_array(t, sync=False) for t in tensors]
+        from numba.cuda.cudadrv import driver
+
+        if getattr(dispatcher, "specialized", False):  # compiled for one signature: no typing of arguments
+            arrays = [DeviceArgument(t, driver.USE_NV_BINDING) for t in tensors]
+        else:  # a dispatcher that types its arguments needs real DeviceNDArrays (sync=False: same stream)
+            arrays = [cuda.as_cuda_array(t, sync=False) for t in tensors]
         stream = numba_stream_of(torch.cuda.current_stream(device), device.index)
         if device.index == torch.cuda.current_device():
             # numba launches in the thread's current CUDA context, which is torch's current

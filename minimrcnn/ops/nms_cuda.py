@@ -24,13 +24,12 @@ import numpy as np
 import torch
 from numba import cuda
 
-from minimrcnn.ops._numba import cuda_launch  # first: Numba set-up
+from minimrcnn.ops._numba import LazyKernel, c_array, cuda_launch  # first: Numba set-up
 
 BLOCK = 64  # boxes per mask word
 SINGLE_ROW_MAX = 4096  # boxes NMS-ed as one row; above, one row per class (see batched_nms_bitmask)
 
 
-@cuda.jit
 def _suppression_masks(boxes, classes, counts, iou_threshold, masks):
     """boxes: [R, K, 4] sorted by decreasing score per row; classes: [R, K]; counts: [R] (boxes
     past a row's count take no part); masks: [R, K, B] int64 (written). No max()/min() builtins:
@@ -64,6 +63,17 @@ def _suppression_masks(boxes, classes, counts, iou_threshold, masks):
         masks[row, i, block] = word
 
 
+def _suppression_signature(real):
+    """void(boxes [R, K, 4] `real`, classes [R, K] int64, counts [R] int64, iou_threshold, masks [R, K, B] int64)."""
+    return numba.types.void(c_array(real, 3), c_array(np.int64, 2), c_array(np.int64, 1), numba.types.float64,
+                            c_array(np.int64, 3))
+
+
+# box dtype -> the kernel compiled once for it (eager signature: a launch does not type its arguments)
+SUPPRESSION_KERNELS = {dtype: LazyKernel(_suppression_masks, _suppression_signature(real))
+                       for dtype, real in ((torch.float32, np.float32), (torch.float64, np.float64))}
+
+
 @numba.njit(cache=True)
 def _keep_from_masks(masks, counts, max_kept):  # pragma: no cover - compiled
     """masks: [R, K, B] uint64; counts: [R] -> (kept positions [R, max_kept], number kept [R])."""
@@ -95,8 +105,10 @@ def sorted_rows_nms(sorted_boxes, sorted_classes, counts, iou_threshold, max_kep
     num_rows, num_boxes = sorted_boxes.shape[:2]
     num_blocks = -(-num_boxes // BLOCK)
     masks = torch.empty((num_rows, num_boxes, num_blocks), dtype=torch.int64, device=sorted_boxes.device)
+    if sorted_boxes.dtype not in SUPPRESSION_KERNELS:
+        raise TypeError(f"sorted_boxes must be float32 or float64, got {sorted_boxes.dtype}")
     if masks.numel() > 0:
-        cuda_launch(_suppression_masks, masks.numel(),
+        cuda_launch(SUPPRESSION_KERNELS[sorted_boxes.dtype], masks.numel(),
                     (sorted_boxes.detach(), sorted_classes.to(torch.int64), counts.to(torch.int64)),
                     (float(iou_threshold),), (masks,), sorted_boxes.device)
     host_masks = masks.cpu().numpy().view(np.uint64)
