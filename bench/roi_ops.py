@@ -1,4 +1,5 @@
-"""Benchmark RoIAlign and RoIPool: our backends side by side with torchvision.
+"""Benchmark RoIAlign and RoIPool: our backends side by side with torchvision; and the
+max-reduction ops of the Table 2c ablation (RoIWarp max, RoIAlign max) beside our RoIAlign.
 
     python bench/roi_ops.py                  # CPU: numba vs torchvision (+ reference on a small case)
     python bench/roi_ops.py --device cuda    # GPU: our numba.cuda kernels vs torchvision's CUDA kernels
@@ -20,7 +21,7 @@ import time
 import numba
 import torch
 
-from minimrcnn.ops import roi_align, roi_pool
+from minimrcnn.ops import roi_align, roi_pool, roi_warp
 
 try:
     import torchvision.ops
@@ -113,6 +114,33 @@ def run_benchmark(device, backends, repeat, case_kwargs, sizes):
     return rows
 
 
+# the ablation's max-reduction ops (notebook 08, Table 2c): name -> roi_warp's (quantize, reduction)
+MAX_OPS = {"warp_max": (True, "max"), "align_max": (False, "max")}
+
+
+def run_max_ops(device, backend, repeat, case_kwargs, sizes):
+    """Rows of (op, size, phase, {roi_align, warp_max, align_max: ms}) on one backend, taking turns."""
+    features, rois = make_case(device=device, **case_kwargs)
+    rows = []
+    for size in sizes:
+        fns = {"roi_align": op_call("roi_align", backend, size)}
+        for name, (quantize, reduction) in MAX_OPS.items():
+            fns[name] = (lambda q, r, s: lambda f, b: roi_warp(f, b, s, SPATIAL_SCALE, SAMPLING_RATIO, True, q, r,
+                                                               backend=backend))(quantize, reduction, size)
+        results = time_forward_backward(fns, features, rois, repeat, device)
+        for phase_index, phase in enumerate(("forward", "backward")):
+            rows.append(("max ops", size, phase, {name: results[name][phase_index] for name in fns}))
+    return rows
+
+
+def print_max_ops(rows):
+    print(f"{'output':>6} {'pass':<8} {'roi_align':>10} {'warp_max':>10} {'align_max':>10}  ratios to roi_align")
+    for _, size, phase, times in rows:
+        base = times["roi_align"]
+        print(f"{size:>4}x{size:<1} {phase:<8} " + " ".join(f"{times[name]:>8.2f}ms" for name in times)
+              + "  " + " ".join(f"{times[name] / base:>5.2f}" for name in MAX_OPS))
+
+
 def check_cuda_against_numba(case_kwargs, sizes):
     """Max |cuda - numba CPU| for both ops' outputs and gradients on the benchmark case."""
     features, rois = make_case(**case_kwargs)
@@ -157,12 +185,17 @@ def main():
         backends = ["cuda"] + (["torchvision"] if TORCHVISION else [])
         print(f"\nfeatures [2, 256, 64, 64], 512 RoIs, sampling_ratio {SAMPLING_RATIO}, aligned, on {args.device}")
         print_table(run_benchmark("cuda", backends, args.repeat, case, sizes), "torchvision" if TORCHVISION else None)
+        print("\nThe ablation's max-reduction ops (roi_warp, cuda) beside our roi_align (cuda), same case")
+        print_max_ops(run_max_ops("cuda", "cuda", args.repeat, case, sizes))
         return
 
     backends = ["numba"] + (["torchvision"] if TORCHVISION else [])
     print(f"\nfeatures [2, 256, 64, 64], 512 RoIs, sampling_ratio {SAMPLING_RATIO}, aligned, on cpu "
           "(ratio = numba / torchvision)")
     print_table(run_benchmark("cpu", backends, args.repeat, case, sizes), "torchvision" if TORCHVISION else None)
+
+    print("\nThe ablation's max-reduction ops (roi_warp, numba) beside our roi_align (numba), same case")
+    print_max_ops(run_max_ops("cpu", "numba", args.repeat, case, sizes))
 
     small = SMALL_CASE
     print(f"\nNumPy reference backend (slow by design) on a small case: features [{small['num_images']}, "

@@ -113,6 +113,30 @@ def test_numba_matches_the_reference_in_values_and_gradients(dtype, spatial_scal
                                            err_msg=where)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_max_over_several_channel_blocks_matches_the_reference(channels_last):
+    """The CPU forward reads channels-last in blocks of CHANNEL_BLOCK: a channel count past one
+    block (and a tie between two samples in every channel) must still equal the reference."""
+    from minimrcnn.ops.roi_warp import CHANNEL_BLOCK
+
+    generator = torch.Generator().manual_seed(11)
+    features = torch.randn(2, CHANNEL_BLOCK + 5, 6, 7, generator=generator, dtype=torch.float64)
+    features[1, :, 2] = features[1, :, 3]  # two equal rows: ties between samples
+    if channels_last:
+        features = features.contiguous(memory_format=torch.channels_last)
+    rois = edge_rois(generator, 12, 2, 6, 7, 0.5)
+    grad_output = torch.randn(12, CHANNEL_BLOCK + 5, 2, 3, generator=generator, dtype=torch.float64)
+    for quantize in (True, False):
+        args = ((2, 3), 0.5, 0, True, quantize, "max")
+        leaf = features.clone().requires_grad_()
+        output = roi_warp(leaf, rois, *args, backend="numba")
+        output.backward(grad_output)
+        np.testing.assert_allclose(output.detach().numpy(), roi_warp_reference(features.numpy(), rois.numpy(), *args),
+                                   atol=1e-12)
+        np.testing.assert_allclose(leaf.grad.numpy(), roi_warp_backward_reference(
+            features.numpy(), grad_output.numpy(), rois.numpy(), *args), atol=1e-11)
+
+
 @pytest.mark.parametrize("spatial_scale", [1.0, 0.25])
 def test_without_quantization_and_with_avg_it_is_roi_align(spatial_scale):
     generator = torch.Generator().manual_seed(3)

@@ -217,11 +217,16 @@ _geometry_cpu = numba.njit(cache=True)(warp_geometry)
 _axis_cpu = numba.njit(cache=True)(axis_taps)
 
 # ---------------------------------------------------------------------------
-# 3. Numba CPU kernels of the max reduction on [N, C, H, W] maps (the average
-#    runs on roi_align's kernels, see roi_warp). The forward runs one task per
-#    RoI; the backward one task per (image, channel chunk), which writes only
-#    its own planes of the gradient: no two threads ever add to the same pixel.
+# 3. Numba CPU kernels of the max reduction (the average runs on roi_align's
+#    kernels, see roi_warp). The forward reads the map channels-last, [N, H, W, C],
+#    as roi_align's does: a sample's four taps are then four contiguous runs of
+#    channels, and the innermost loop (over channels) compares a whole run against
+#    the running maxima; one task per (channel block, RoI). The backward runs one
+#    task per (image, channel chunk) on [N, C, H, W], which writes only its own
+#    planes of the gradient: no two threads ever add to the same pixel.
 # ---------------------------------------------------------------------------
+
+CHANNEL_BLOCK = 64  # channels per forward task
 
 
 @numba.njit(cache=True)
@@ -249,38 +254,66 @@ def _roi_tables(roi, pooled_h, pooled_w, height, width, spatial_scale, sampling_
     return ys, xs, grid_h, grid_w
 
 
+_unsigned = np.uint64  # flat indices: Numba wraps negative signed indices, which slows the inner loop
+
+
 @numba.njit(parallel=True, cache=True)
-def _forward_cpu(features, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, quantize, output,
-                 argmax):
-    """features: [N, C, H, W]; rois: [K, 5] float64; output [K, C, ph, pw] (each bin's largest sample)
-    and argmax [K, C, ph, pw] int32 (that sample's index iy * gw + ix in its bin) written."""
-    height, width, channels = features.shape[2], features.shape[3], features.shape[1]
-    for k in numba.prange(rois.shape[0]):
+def _forward_cpu(features_nhwc, rois, rois_by_image, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned,
+                 quantize, output, argmax):
+    """features_nhwc: [N, H, W, C] contiguous; rois: [K, 5] float64; output [K, C, ph, pw] (each
+    bin's largest sample, computed in float64 as the reference) and argmax [K, C, ph, pw] int32
+    (that sample's index iy * gw + ix in its bin) written. Samples are visited in the reference's
+    order and a later one wins only if strictly larger, so ties and NaNs resolve as there."""
+    num_rois = rois.shape[0]
+    height, width, channels = features_nhwc.shape[1], features_nhwc.shape[2], features_nhwc.shape[3]
+    flat = features_nhwc.reshape(-1)
+    num_blocks = (channels + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+    for task in numba.prange(num_rois * num_blocks):  # task = (channel block, RoI), RoIs by image
+        k, c0 = rois_by_image[task % num_rois], (task // num_rois) * CHANNEL_BLOCK
+        block = min(c0 + CHANNEL_BLOCK, channels) - c0
         b = int(rois[k, 0])
         (y_low, y_high, wy_low, wy_high), (x_low, x_high, wx_low, wx_high), grid_h, grid_w = _roi_tables(
             rois[k], pooled_h, pooled_w, height, width, spatial_scale, sampling_ratio, aligned, quantize
         )
-        for c in range(channels):
-            plane = features[b, c]
-            for py in range(pooled_h):
-                for px in range(pooled_w):
-                    best = 0.0
-                    best_index = NO_SAMPLE
-                    for iy in range(py * grid_h, (py + 1) * grid_h):
-                        for ix in range(px * grid_w, (px + 1) * grid_w):
-                            value = 0.0  # outside samples are 0 and do not read the map (0 * inf = NaN)
-                            if (wy_low[iy] != 0 or wy_high[iy] != 0) and (wx_low[ix] != 0 or wx_high[ix] != 0):
-                                value = (
-                                    wy_low[iy] * (wx_low[ix] * plane[y_low[iy], x_low[ix]]
-                                                  + wx_high[ix] * plane[y_low[iy], x_high[ix]])
-                                    + wy_high[iy] * (wx_low[ix] * plane[y_high[iy], x_low[ix]]
-                                                     + wx_high[ix] * plane[y_high[iy], x_high[ix]])
-                                )
-                            if best_index == NO_SAMPLE or value > best:
-                                best = value
-                                best_index = (iy - py * grid_h) * grid_w + (ix - px * grid_w)
-                    output[k, c, py, px] = best
-                    argmax[k, c, py, px] = best_index
+        best, best_at = np.zeros(block, np.float64), np.full(block, NO_SAMPLE, np.int32)
+        for py in range(pooled_h):
+            for px in range(pooled_w):
+                best_index = NO_SAMPLE  # the first sample of a bin always wins: no per-channel flag
+                for iy in range(py * grid_h, (py + 1) * grid_h):
+                    y_inside = wy_low[iy] != 0 or wy_high[iy] != 0
+                    row_low, row_high = (b * height + y_low[iy]) * width, (b * height + y_high[iy]) * width
+                    for ix in range(px * grid_w, (px + 1) * grid_w):
+                        index = (iy - py * grid_h) * grid_w + (ix - px * grid_w)
+                        inside = y_inside and (wx_low[ix] != 0 or wx_high[ix] != 0)
+                        a_low, a_high, b_low, b_high = wy_low[iy], wy_high[iy], wx_low[ix], wx_high[ix]
+                        i_ll = _unsigned((row_low + x_low[ix]) * channels + c0)
+                        i_lh = _unsigned((row_low + x_high[ix]) * channels + c0)
+                        i_hl = _unsigned((row_high + x_low[ix]) * channels + c0)
+                        i_hh = _unsigned((row_high + x_high[ix]) * channels + c0)
+                        if not inside:  # an outside sample is 0 and does not read the map (0 * inf = NaN)
+                            for c in range(_unsigned(block)):
+                                larger = best_index == NO_SAMPLE or 0.0 > best[c]
+                                best[c] = 0.0 if larger else best[c]
+                                best_at[c] = index if larger else best_at[c]
+                        elif best_index == NO_SAMPLE:  # the bin's first sample
+                            for c in range(_unsigned(block)):
+                                best[c] = (a_low * (b_low * flat[i_ll + c] + b_high * flat[i_lh + c])
+                                           + a_high * (b_low * flat[i_hl + c] + b_high * flat[i_hh + c]))
+                                best_at[c] = index
+                        else:  # a later sample wins only if strictly larger (selects: no branch per channel)
+                            for c in range(_unsigned(block)):
+                                value = (a_low * (b_low * flat[i_ll + c] + b_high * flat[i_lh + c])
+                                         + a_high * (b_low * flat[i_hl + c] + b_high * flat[i_hh + c]))
+                                larger = value > best[c]
+                                best[c] = value if larger else best[c]
+                                best_at[c] = index if larger else best_at[c]
+                        best_index = index
+                if best_index == NO_SAMPLE:  # a bin without samples: 0, argmax NO_SAMPLE
+                    best[:] = 0.0
+                    best_at[:] = NO_SAMPLE
+                for c in range(block):
+                    output[k, c0 + c, py, px] = best[c]
+                    argmax[k, c0 + c, py, px] = best_at[c]
 
 
 @numba.njit(parallel=True, cache=True)
@@ -294,6 +327,9 @@ def _backward_cpu(grad_output, argmax, rois, rois_by_image, image_offsets, spati
     """
     num_images, channels, height, width = grad_features.shape
     pooled_h, pooled_w = grad_output.shape[2], grad_output.shape[3]
+    # flat views with unsigned indices (see _unsigned); the same adds in the same order as 4-D indexing
+    grad_flat, grads, winners = grad_features.reshape(-1), grad_output.reshape(-1), argmax.reshape(-1)
+    num_bins, plane_size = pooled_h * pooled_w, height * width
     num_chunks = (channels + channel_chunk - 1) // channel_chunk
     for task in numba.prange(num_images * num_chunks):
         b, c0 = task // num_chunks, (task % num_chunks) * channel_chunk
@@ -303,20 +339,26 @@ def _backward_cpu(grad_output, argmax, rois, rois_by_image, image_offsets, spati
             (y_low, y_high, wy_low, wy_high), (x_low, x_high, wx_low, wx_high), grid_h, grid_w = _roi_tables(
                 rois[k], pooled_h, pooled_w, height, width, spatial_scale, sampling_ratio, aligned, quantize
             )
+            sample_row, sample_column = np.empty(grid_h * grid_w, np.int64), np.empty(grid_h * grid_w, np.int64)
+            for sample in range(grid_h * grid_w):  # a table, not a division per cell
+                sample_row[sample], sample_column[sample] = sample // grid_w, sample % grid_w
             for c in range(c0, c1):
-                plane = grad_features[b, c]
+                plane = _unsigned((b * channels + c) * plane_size)
+                cells = _unsigned((k * channels + c) * num_bins)
                 for py in range(pooled_h):
                     for px in range(pooled_w):
-                        s = argmax[k, c, py, px]
+                        cell = cells + _unsigned(py * pooled_w + px)
+                        s = winners[cell]
                         if s == NO_SAMPLE:
                             continue
-                        grad = grad_output[k, c, py, px]
-                        iy, ix = py * grid_h + s // grid_w, px * grid_w + s % grid_w
+                        grad = grads[cell]
+                        iy, ix = py * grid_h + sample_row[s], px * grid_w + sample_column[s]
+                        row_low, row_high = plane + _unsigned(y_low[iy] * width), plane + _unsigned(y_high[iy] * width)
                         # an outside sample has zero weights: it adds nothing
-                        plane[y_low[iy], x_low[ix]] += grad * wy_low[iy] * wx_low[ix]
-                        plane[y_low[iy], x_high[ix]] += grad * wy_low[iy] * wx_high[ix]
-                        plane[y_high[iy], x_low[ix]] += grad * wy_high[iy] * wx_low[ix]
-                        plane[y_high[iy], x_high[ix]] += grad * wy_high[iy] * wx_high[ix]
+                        grad_flat[row_low + _unsigned(x_low[ix])] += grad * wy_low[iy] * wx_low[ix]
+                        grad_flat[row_low + _unsigned(x_high[ix])] += grad * wy_low[iy] * wx_high[ix]
+                        grad_flat[row_high + _unsigned(x_low[ix])] += grad * wy_high[iy] * wx_low[ix]
+                        grad_flat[row_high + _unsigned(x_high[ix])] += grad * wy_high[iy] * wx_high[ix]
 
 
 def _empty_outputs(features, rois, pooled):
@@ -330,8 +372,13 @@ def _numba_forward(features, rois, params):
     pooled, spatial_scale, sampling_ratio, aligned, quantize, _ = params  # (reduction "max")
     output, argmax = _empty_outputs(features, rois, pooled)
     if output.numel() > 0:
-        _forward_cpu(features.detach().contiguous().numpy(), rois.detach().numpy().astype(np.float64), *pooled,
-                     spatial_scale, sampling_ratio, aligned, quantize, output.numpy(), argmax.numpy())
+        features_nhwc = features.detach().permute(0, 2, 3, 1)
+        if not features_nhwc.is_contiguous():  # free when features are already channels_last
+            features_nhwc = features_nhwc.contiguous()
+        rois64 = rois.detach().numpy().astype(np.float64)
+        rois_by_image, _ = image_order(rois64, features.shape[0])
+        _forward_cpu(features_nhwc.numpy(), rois64, rois_by_image, *pooled, spatial_scale, sampling_ratio, aligned,
+                     quantize, output.numpy(), argmax.numpy())
     return output, argmax
 
 
