@@ -21,6 +21,7 @@ import time
 import numba
 import torch
 
+from minimrcnn.modeling.poolers import WARP_OPS
 from minimrcnn.ops import roi_align, roi_pool, roi_warp
 
 try:
@@ -114,8 +115,8 @@ def run_benchmark(device, backends, repeat, case_kwargs, sizes):
     return rows
 
 
-# the ablation's max-reduction ops (notebook 08, Table 2c): name -> roi_warp's (quantize, reduction)
-MAX_OPS = {"warp_max": (True, "max"), "align_max": (False, "max")}
+# the ablation's max-reduction ops (notebook 08, Table 2c): the pooler's roi_op -> roi_warp's (quantize, reduction)
+MAX_OPS = {name: op for name, op in WARP_OPS.items() if op[1] == "max"}
 
 
 def run_max_ops(device, backend, repeat, case_kwargs, sizes):

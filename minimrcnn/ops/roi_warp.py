@@ -60,7 +60,7 @@ from minimrcnn.ops._numba import (  # first: Numba set-up
     c_array, cuda_launch, image_order, lazy_kernels_per_float_type,
 )
 from minimrcnn.ops._maps import CUDA_COMPUTE_DTYPES, check_maps, flat_maps, level_scales, level_table, split_flat
-from minimrcnn.ops.roi_align import cuda_device_functions_in, roi_align, roi_align_levels
+from minimrcnn.ops.roi_align import _unsigned, cuda_device_functions_in, roi_align, roi_align_levels
 from minimrcnn.ops._validate import (
     check_cuda_backend,
     check_features_and_rois,
@@ -252,9 +252,6 @@ def _roi_tables(roi, pooled_h, pooled_w, height, width, spatial_scale, sampling_
     ys = _sample_axis(start_y, bin_h, grid_h, pooled_h, height)
     xs = _sample_axis(start_x, bin_w, grid_w, pooled_w, width)
     return ys, xs, grid_h, grid_w
-
-
-_unsigned = np.uint64  # flat indices: Numba wraps negative signed indices, which slows the inner loop
 
 
 @numba.njit(parallel=True, cache=True)
