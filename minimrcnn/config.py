@@ -214,7 +214,10 @@ _register(
         rpn_post_nms_topk_train=200,
         rpn_post_nms_topk_test=100,
         roi_batch_size_per_image=64,
-        roi_canonical_size=56,
+        # Boxes under 56 px (most shapes are 9-64 px) pool from P2, the stride-4 map; with 56, those
+        # of 28-55 px pooled from P3's 8-px cells: +3.8 and +5.0 segm AP, +2.6 and +2.8 box AP on
+        # the hexagon tuning set, 2 seeds (bench/RESULTS.md, "Which pyramid level").
+        roi_canonical_size=112,
         roi_canonical_level=4,
         box_head_dim=256,
         mask_head_dim=32,
