@@ -59,6 +59,18 @@ def test_losses_match_float64_reference(box_loss, beta):
     assert losses["loss_box"].item() == pytest.approx(expected_box, rel=1e-5)
 
 
+def test_classifier_weight_scales_the_cross_entropy_only():
+    generator = torch.Generator().manual_seed(2)
+    class_logits = torch.randn(8, 4, generator=generator)
+    box_deltas = torch.randn(8, 12, generator=generator)
+    gt_classes = torch.tensor([0, 1, 2, 3, 0, 0, 2, 0])
+    targets = torch.randn(8, 4, generator=generator)
+    expected_ce, expected_box = reference_losses(class_logits, box_deltas, gt_classes, targets)
+    weighted = box_head_losses(class_logits, box_deltas, gt_classes, targets, classifier_weight=2.5)
+    assert weighted["loss_classifier"].item() == pytest.approx(2.5 * expected_ce, rel=1e-5)
+    assert weighted["loss_box"].item() == pytest.approx(expected_box, rel=1e-5)
+
+
 def test_box_loss_touches_only_foreground_ground_truth_class_deltas():
     box_deltas = torch.randn(3, 8, requires_grad=True)  # K = 2
     gt_classes = torch.tensor([0, 2, 1])

@@ -69,13 +69,15 @@ def box_head_losses(
     gt_classes: torch.Tensor,
     regression_targets: torch.Tensor,
     box_loss: str = "l1",
+    classifier_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Fast R-CNN's two losses over the sampled RoIs.
 
     class_logits: [R, K+1]; box_deltas: [R, 4K]; gt_classes: [R] int64 (0 = background);
     regression_targets: [R, 4] encoded deltas (only foreground rows are read).
 
-    loss_classifier: cross-entropy averaged over all R sampled RoIs.
+    loss_classifier: cross-entropy averaged over all R sampled RoIs, times ``classifier_weight``
+    (1 in the paper; the loss is returned, and logged, weighted).
     loss_box: L1 (or smooth-L1) of the foreground RoIs' ground-truth-class deltas,
     summed and divided by R, so each RoI weighs the same whatever the foreground share.
     """
@@ -88,7 +90,7 @@ def box_head_losses(
         return {"loss_classifier": zero, "loss_box": zero}
     # Losses in float32 even when the head ran under autocast.
     class_logits, box_deltas = class_logits.float(), box_deltas.float()
-    loss_classifier = F.cross_entropy(class_logits, gt_classes)
+    loss_classifier = F.cross_entropy(class_logits, gt_classes) * classifier_weight
     foreground = torch.nonzero(gt_classes > 0).squeeze(1)
     pred_deltas = select_class_deltas(box_deltas[foreground], gt_classes[foreground])
     target_deltas = regression_targets[foreground]

@@ -61,6 +61,7 @@ class RoIHeads(nn.Module):
         self.batch_size_per_image = config.roi_batch_size_per_image
         self.positive_fraction = config.roi_positive_fraction
         self.box_loss = config.box_loss
+        self.classifier_loss_weight = config.classifier_loss_weight
         self.mask_loss = config.mask_loss
         self.mask_resolution = config.mask_resolution
         self.mask_roi_bucket = config.mask_roi_bucket
@@ -124,7 +125,7 @@ class RoIHeads(nn.Module):
             matched_boxes = boxes
         regression_targets = self.box_coder.encode(boxes, matched_boxes)
         losses = box_head_losses(class_logits, box_deltas, gt_classes, regression_targets,
-                                 self.box_loss)
+                                 self.box_loss, self.classifier_loss_weight)
 
         # The mask branch sees foreground RoIs only.
         foreground = torch.nonzero(foreground_rows).squeeze(1)
@@ -154,7 +155,7 @@ class RoIHeads(nn.Module):
         ])
         regression_targets = self.box_coder.encode(rois[:, 1:], matched_boxes.to(rois.dtype))
         losses = box_head_losses(class_logits, box_deltas, gt_classes, regression_targets,
-                                 self.box_loss)
+                                 self.box_loss, self.classifier_loss_weight)
 
         # The mask branch sees foreground RoIs only (sampling put them first in each image).
         foreground = torch.nonzero(gt_classes > 0).squeeze(1)
