@@ -209,3 +209,20 @@ def test_mask_roi_bucket_pads_the_mask_head_batch_and_changes_nothing_else():
     assert sum(len(d["boxes"]) for d in detections) > 0
     for ours, expected in zip(padded[3], detections):
         torch.testing.assert_close(ours["mask_probs"], expected["mask_probs"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["losses", "losses_per_image"])
+def test_classifier_loss_weight_scales_only_the_classifier_loss(path):
+    features = pyramid()
+    proposals = [random_proposals(50, 3), random_proposals(40, 4)]
+    targets = [target([[5, 5, 25, 25], [30, 30, 60, 50]], [1, 3]), target([[8, 30, 40, 60]], [2])]
+    results = {}
+    for weight in (1.0, 3.0):
+        torch.manual_seed(0)
+        heads = RoIHeads(tiny_config(classifier_loss_weight=weight), CHANNELS)
+        torch.manual_seed(1)  # the same sampled RoIs for both weights
+        results[weight] = getattr(heads, path)(features, proposals, targets)
+    plain, weighted = results[1.0], results[3.0]
+    torch.testing.assert_close(weighted["loss_classifier"], 3.0 * plain["loss_classifier"])
+    for name in ("loss_box", "loss_mask"):
+        torch.testing.assert_close(weighted[name], plain[name])
