@@ -181,10 +181,14 @@ def test_inference_output_shapes_and_types():
         assert bool(((detection["labels"] >= 1) & (detection["labels"] <= 4)).all())
 
 
-def test_mask_roi_bucket_pads_the_mask_head_batch_and_changes_nothing_else():
-    features = pyramid()
-    proposals = [random_proposals(50, 3), random_proposals(40, 4)]
+def two_image_batch():
+    """Features, proposals and targets of 2 images, each with foreground."""
     targets = [target([[5, 5, 25, 25], [30, 30, 60, 50]], [1, 3]), target([[8, 30, 40, 60]], [2])]
+    return pyramid(), [random_proposals(50, 3), random_proposals(40, 4)], targets
+
+
+def test_mask_roi_bucket_pads_the_mask_head_batch_and_changes_nothing_else():
+    features, proposals, targets = two_image_batch()
     results = {}
     for bucket in (0, 64):
         torch.manual_seed(0)
@@ -213,9 +217,7 @@ def test_mask_roi_bucket_pads_the_mask_head_batch_and_changes_nothing_else():
 
 @pytest.mark.parametrize("path", ["losses", "losses_per_image"])
 def test_classifier_loss_weight_scales_only_the_classifier_loss(path):
-    features = pyramid()
-    proposals = [random_proposals(50, 3), random_proposals(40, 4)]
-    targets = [target([[5, 5, 25, 25], [30, 30, 60, 50]], [1, 3]), target([[8, 30, 40, 60]], [2])]
+    features, proposals, targets = two_image_batch()
     results = {}
     for weight in (1.0, 3.0):
         torch.manual_seed(0)
